@@ -1,0 +1,43 @@
+"""``raypath s3``: serve a local folder as an S3 bucket (embedded moto endpoint).
+
+For users without a bucket who want to exercise the S3 path on their own
+slides: ``raypath s3 serve ./my_slides --bucket slides`` prints the endpoint
+and the environment to export, then serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def serve(local_dir: str, bucket: str = "raypath", port: int = 9000) -> None:
+    """Upload ``local_dir`` into an embedded S3 endpoint and serve it until Ctrl-C."""
+    from .s3server import start_embedded_s3
+
+    server = start_embedded_s3(port=port)
+    try:
+        uri = server.upload_dir(local_dir, bucket)
+        print(f"serving {local_dir} as {uri} at {server.endpoint_url}")
+        print("in another shell:")
+        for k, v in server.environment().items():
+            # dummy credentials of the embedded server, not secrets
+            print(f"  export {k}={v}")
+        print("stop with Ctrl-C (the endpoint is in memory: changes are not written back)")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("s3", help="serve a local folder as an S3 bucket (embedded endpoint)")
+    s3sub = p.add_subparsers(dest="s3_cmd", metavar="CMD")
+    ps = s3sub.add_parser("serve", help="serve DIR as s3://BUCKET on 127.0.0.1:PORT")
+    ps.add_argument("dir", help="local folder to publish")
+    ps.add_argument("--bucket", default="raypath")
+    ps.add_argument("--port", type=int, default=9000)
+    ps.set_defaults(func=lambda a: serve(a.dir, a.bucket, a.port))
+    p.set_defaults(func=lambda a: p.print_help() or 2)
