@@ -1,0 +1,518 @@
+"""``run_robustness`` and ``compare``: the robustness stage over a feature store.
+
+Reads ``features/<model_key>/`` (a sample of tiles per slide), joins the
+cohort columns from ``<workdir>/slides.parquet``, computes every metric of
+:mod:`raypath.robustness.metrics`, draws the plots of
+:mod:`raypath.robustness.plots` and writes ``<workdir>/runs/<run>/``::
+
+    config.yaml          resolved RobustnessConfig
+    robustness.json      every number + the inputs that produced it
+    *.png                t-SNE/UMAP maps, purity per cluster, RI curve, CRoMa histogram, gallery
+
+``compare`` runs the same analysis on two feature stores over the same slides
+and tiles (e.g. before/after adaptation) and writes ``comparison.json`` with
+both results and the deltas, plus ``a/`` and ``b/`` sub-folders.
+
+The analysis is NumPy/scikit-learn on one process: the sampling controls
+(tiles per slide, per-metric sample caps, chunked exact kNN) bound memory and
+time whatever the cohort size, so it needs no Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from .. import __version__
+from ..config import StageConfig
+from ..errors import RaypathError
+from ..features import FeatureStore
+from ..storage import S3Options, atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol
+from . import metrics as M
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "robustness.json"
+COMPARISON_FILE = "comparison.json"
+
+#: Headline numbers: (key, path in the result, direction) where direction says
+#: which way is more robust ("lower" / "higher").
+HEADLINE = [
+    ("site_probe_balanced_accuracy", ("site_probe", "balanced_accuracy"), "lower"),
+    ("site_probe_chance", ("site_probe", "chance"), None),
+    ("kmeans_purity", ("kmeans_purity", "purity"), "lower"),
+    ("kmeans_chance_purity", ("kmeans_purity", "chance_purity"), None),
+    ("robustness_index", ("robustness_index", "ri"), "higher"),
+    ("robustness_index_chance", ("robustness_index", "chance"), None),
+    ("robustness_index_k", ("robustness_index", "k"), None),
+    ("croma_median", ("croma", "median"), "higher"),
+    ("croma_worst10_mean", ("croma", "worst_tail_mean"), "higher"),
+    ("croma_frac_le_0", ("croma", "frac_le_0"), "lower"),
+    ("clustering_score", ("clustering_score", "score"), "higher"),
+    ("cohort_silhouette", ("cohort_clusters", "silhouette"), "lower"),
+    ("cohort_calinski_harabasz", ("cohort_clusters", "calinski_harabasz"), "lower"),
+    ("cohort_davies_bouldin", ("cohort_clusters", "davies_bouldin"), "higher"),
+    ("cohort_between_within_ratio", ("cohort_clusters", "between_within_ratio"), "lower"),
+]
+
+
+class RobustnessConfig(StageConfig):
+    """How to measure the site information in a feature store."""
+
+    workdir: str = Field(description="project folder (local path or s3:// URI)")
+    features: str | None = Field(
+        None,
+        description="feature folder, or a model key under <workdir>/features; "
+        "default: the only model there",
+    )
+    run: str | None = Field(None, description="run name under <workdir>/runs [default: robustness-<model_key>]")
+    biology_column: str = Field("label", description="slides.parquet column holding the biology (e.g. label, true_phenotype)")
+    centre_column: str = Field("cohort", description="slides.parquet column holding the centre/site")
+    patient_column: str = Field("patient_id", description="column grouping the site-probe CV folds")
+    tiles_per_slide: int = Field(100, description="random tiles read per slide (KMeans purity uses all of them)")
+    tsne_tiles_per_slide: int = Field(10, description="tiles per slide in the t-SNE/UMAP maps")
+    tsne_max_points: int = Field(5000, description="cap on points in the 2-D maps")
+    kmeans_k: int = Field(200, description="KMeans clusters for purity (capped to n_tiles/20 on small data)")
+    kmeans_repeats: int = Field(20, description="KMeans repeats (different seeds) for purity")
+    kmeans_max_samples: int = Field(50000, description="cap on tiles clustered for purity (slide-balanced)")
+    knn_k: int | None = Field(None, description="RI neighbourhood size; default: chosen by kNN balanced accuracy")
+    knn_k_candidates: list[int] = Field(list(M.DEFAULT_K_CANDIDATES), description="RI k candidates")
+    croma_m: int = Field(5, description="CRoMa: SO/OS neighbours averaged per tile")
+    knn_max_samples: int = Field(20000, description="cap on tiles in RI/CRoMa neighbour searches (slide-balanced)")
+    probe_max_samples: int = Field(20000, description="cap on tiles in the site probe")
+    probe_folds: int = Field(5, description="site probe CV folds (grouped by patient)")
+    cluster_score_k: int | None = Field(None, description="clustering score k; default: best silhouette in 2..10")
+    cluster_max_samples: int = Field(10000, description="cap on tiles for the clustering score")
+    memory_mb: int = Field(256, description="memory budget of one chunk of the kNN distance matrix")
+    plots: bool = Field(True, description="draw plots (t-SNE, purity, RI curve, CRoMa histogram)")
+    umap: bool = Field(True, description="also draw a UMAP map when umap-learn is installed")
+    gallery: bool = Field(True, description="gallery of tiles near/medium/far from cluster centres (reads slides)")
+    gallery_clusters: int = Field(4, description="clusters shown in the gallery")
+    gallery_tiles: int = Field(4, description="tiles per band (near/medium/far) in the gallery")
+    seed: int = Field(0, description="seed of every random choice")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_feature_dir(workdir: str, features: str | None) -> str:
+    """A feature folder from a path/URI or a model key under ``<workdir>/features``."""
+    if features and ("/" in features or "://" in features or features.startswith(".")):
+        return features.rstrip("/")
+    base = join(workdir, "features")
+    if features:
+        return join(base, features)
+    from ..storage import filesystem_for
+
+    fs = filesystem_for(base)
+    target = base if is_remote(base) else strip_protocol(base)
+    keys = []
+    if fs.exists(target):
+        keys = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(target, detail=False) if fs.isdir(p))
+    if len(keys) != 1:
+        raise RaypathError(
+            f"no unique feature store under {base!r} (found {keys or 'none'}): pass --features "
+            "with a model key or a feature folder"
+        )
+    return join(base, keys[0])
+
+
+def load_slides(workdir: str, s3: S3Options | None = None) -> pd.DataFrame:
+    """``<workdir>/slides.parquet`` without failed slides."""
+    uri = join(workdir, "slides.parquet")
+    if not exists(uri, s3):
+        raise RaypathError(f"{uri!r} not found: run `raypath ingest` first (it writes the cohort metadata)")
+    df = read_parquet(uri, s3).to_pandas()
+    if "status" in df.columns:
+        df = df[df["status"].fillna("ok") == "ok"]
+    return df.reset_index(drop=True)
+
+
+def load_sample(
+    feature_dir: str,
+    slides: pd.DataFrame,
+    tiles_per_slide: int,
+    seed: int,
+    slide_ids: list[str] | None = None,
+    s3: S3Options | None = None,
+) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """Random tiles per slide from a store, with the cohort columns of each tile's slide."""
+    store = FeatureStore(feature_dir, s3)
+    have = set(store.slide_ids())
+    known = set(slides["slide_id"].astype(str))
+    ids = sorted(have & known) if slide_ids is None else [s for s in slide_ids if s in have]
+    if not ids:
+        raise RaypathError(
+            f"no slide of {feature_dir!r} is listed (status ok) in slides.parquet: embed the "
+            "cohort's slides or point --workdir at the project that holds them"
+        )
+    X, meta = store.sample_tiles(tiles_per_slide, ids, seed)
+    meta = meta.merge(slides.assign(slide_id=slides["slide_id"].astype(str)), on="slide_id", how="left",
+                      suffixes=("", "_slide"))
+    manifest = store.manifest()
+    info = {
+        "feature_dir": feature_dir,
+        "manifest": {k: manifest.get(k) for k in ("model_key", "model", "model_name", "weights_sha256",
+                                                  "adapter_sha256", "preprocessing", "created_at")
+                     if k in manifest},
+        "n_slides_in_store": len(have),
+        "n_slides_without_metadata": len(have - known),
+        "n_slides": len(ids),
+        "n_tiles": int(len(X)),
+        "dim": int(X.shape[1]),
+    }
+    return X, meta, info
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _column(meta: pd.DataFrame, col: str) -> pd.Series | None:
+    if col not in meta.columns:
+        return None
+    s = meta[col]
+    if s.isna().all():
+        return None
+    return s.astype("string")
+
+
+def analyse(X: np.ndarray, meta: pd.DataFrame, cfg: RobustnessConfig) -> tuple[dict, dict]:
+    """Every metric on one tile sample.  Returns ``(results, arrays_for_plots)``.
+
+    Metrics that need a column the cohort lacks (biology for RI/CRoMa/
+    clustering score) are reported as ``{"skipped": reason}`` rather than failing.
+    """
+    res: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    centre = _column(meta, cfg.centre_column)
+    if centre is None:
+        raise RaypathError(
+            f"column {cfg.centre_column!r} missing or empty in slides.parquet: pass --centre-column "
+            "with the column that names each slide's site/cohort"
+        )
+    biology = _column(meta, cfg.biology_column)
+    slides = meta["slide_id"].astype(str).to_numpy()
+    patients = _column(meta, cfg.patient_column)
+    patients = slides if patients is None else patients.fillna(pd.Series(slides)).to_numpy()
+    mem = int(cfg.memory_mb) * 2**20
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    keep = ~centre.isna().to_numpy()
+    c_all = centre.to_numpy()
+
+    # site probe
+    idx = np.flatnonzero(keep)[M.cap_per_group(slides[keep], cfg.probe_max_samples, cfg.seed)]
+    res["site_probe"] = timed("site_probe", lambda: M.site_probe(
+        X[idx], c_all[idx], patients[idx], n_splits=cfg.probe_folds, seed=cfg.seed))
+    res["site_probe"]["params"] = {"n_samples": int(len(idx)), "folds": cfg.probe_folds,
+                                   "grouped_by": cfg.patient_column}
+
+    # cohorts as clusters
+    res["cohort_clusters"] = timed("cohort_clusters", lambda: M.cohort_cluster_metrics(
+        X[keep], c_all[keep], seed=cfg.seed))
+
+    # KMeans purity
+    idx = np.flatnonzero(keep)[M.cap_per_group(slides[keep], cfg.kmeans_max_samples, cfg.seed)]
+    kp = timed("kmeans_purity", lambda: M.kmeans_purity(
+        X[idx], c_all[idx], k=cfg.kmeans_k, repeats=cfg.kmeans_repeats, seed=cfg.seed))
+    if "assign" in kp:
+        arrays["kmeans"] = {"rows": idx, "assign": kp.pop("assign"), "centres": kp.pop("centres")}
+    kp["params"] = {"tiles_per_slide": cfg.tiles_per_slide, "max_samples": cfg.kmeans_max_samples}
+    res["kmeans_purity"] = kp
+
+    # biology-aware metrics
+    if biology is None:
+        reason = (f"biology column {cfg.biology_column!r} missing or empty: pass --biology-column "
+                  "(e.g. label or true_phenotype)")
+        for name in ("robustness_index", "croma", "clustering_score"):
+            res[name] = {"skipped": reason}
+    else:
+        keep_b = keep & ~biology.isna().to_numpy()
+        b_all = biology.to_numpy()
+        n_b = len(set(b_all[keep_b]))
+        n_c = len(set(c_all[keep_b]))
+        if n_b < 2 or n_c < 2:
+            reason = f"needs >= 2 biology classes and >= 2 centres, found {n_b} and {n_c}"
+            for name in ("robustness_index", "croma", "clustering_score"):
+                res[name] = {"skipped": reason}
+        else:
+            idx = np.flatnonzero(keep_b)[M.cap_per_group(slides[keep_b], cfg.knn_max_samples, cfg.seed)]
+            args = (X[idx], b_all[idx], c_all[idx], slides[idx])
+            res["robustness_index"] = timed("robustness_index", lambda: M.robustness_index(
+                *args, k=cfg.knn_k, k_candidates=cfg.knn_k_candidates, memory_bytes=mem))
+            per_tile = timed("croma", lambda: M.croma_per_sample(*args, m=cfg.croma_m, memory_bytes=mem))
+            res["croma"] = {**M.croma_summary(per_tile), "m": cfg.croma_m}
+            arrays["croma"] = per_tile
+            idx_c = np.flatnonzero(keep_b)[M.cap_per_group(slides[keep_b], cfg.cluster_max_samples, cfg.seed)]
+            res["clustering_score"] = timed("clustering_score", lambda: M.clustering_score(
+                X[idx_c], b_all[idx_c], c_all[idx_c], k=cfg.cluster_score_k, seed=cfg.seed))
+            res["clustering_score"]["n_samples"] = int(len(idx_c))
+    res["timings_s"] = timings
+    res["headline"] = headline(res)
+    return res, arrays
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def headline(res: dict) -> dict:
+    """The one-line numbers of a result (None where a metric was skipped)."""
+    return {key: _get(res, path) for key, path, _ in HEADLINE}
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
+
+
+def write_json(uri: str, doc: dict, s3: S3Options | None = None) -> None:
+    atomic_write_bytes(uri, json.dumps(_jsonable(doc), indent=2).encode(), s3)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def draw_plots(
+    X: np.ndarray,
+    meta: pd.DataFrame,
+    res: dict,
+    arrays: dict,
+    cfg: RobustnessConfig,
+    out_dir: str,
+    label: str = "",
+    s3: S3Options | None = None,
+) -> dict[str, str]:
+    """Write the PNGs of one analysis into ``out_dir``; returns {name: reason} of skipped plots."""
+    from . import plots as P
+
+    skipped: dict[str, str] = {}
+    title = f" - {label}" if label else ""
+
+    def put(name: str, png: bytes) -> None:
+        atomic_write_bytes(join(out_dir, name), png, s3)
+
+    slides = meta["slide_id"].astype(str).to_numpy()
+    colourings_cols = [c for c in (cfg.centre_column, cfg.biology_column) if _column(meta, c) is not None]
+    # 2-D maps on tsne_tiles_per_slide tiles per slide
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(slides))
+    rank = pd.Series(slides[order]).groupby(slides[order]).cumcount().to_numpy()
+    sel = np.sort(order[rank < cfg.tsne_tiles_per_slide])
+    if len(sel) > cfg.tsne_max_points:
+        sel = np.sort(sel[M.cap_per_group(slides[sel], cfg.tsne_max_points, cfg.seed)])
+    colourings = {c: meta[c].astype("string").fillna("NA").to_numpy()[sel] for c in colourings_cols}
+    methods = ["tsne"] + (["umap"] if cfg.umap and P.umap_available() else [])
+    for method in methods:
+        try:
+            xy = P.embed_2d(X[sel], method=method, seed=cfg.seed)
+            put(f"{method}.png", P.scatter_by(
+                xy, colourings, f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(sel)} tiles"
+                f" ({cfg.tsne_tiles_per_slide}/slide){title}"))
+        except Exception as e:  # a plot never fails the run
+            log.warning("%s map failed: %s", method, e)
+            skipped[f"{method}.png"] = str(e)
+    if "clusters" in res.get("kmeans_purity", {}):
+        kp = res["kmeans_purity"]
+        put("purity_per_cluster.png", P.purity_per_cluster(
+            kp["clusters"], kp.get("chance_purity"),
+            f"KMeans cohort purity, k={kp['k']} (repeat 1){title}"))
+    ri = res.get("robustness_index", {})
+    if "curve" in ri:
+        put("ri_curve.png", P.ri_curve(ri["curve"], ri["k"], f"Robustness index{title}"))
+    if "croma" in arrays:
+        put("croma_hist.png", P.croma_histogram(arrays["croma"], f"CRoMa (m={cfg.croma_m}){title}"))
+    if cfg.gallery and "kmeans" in arrays:
+        reason = _draw_gallery(X, meta, res, arrays["kmeans"], cfg, out_dir, title, s3)
+        if reason:
+            skipped["gallery.png"] = reason
+    return skipped
+
+
+def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
+    from . import plots as P
+
+    tiles_uri = join(cfg.workdir, "tiles.parquet")
+    if not exists(tiles_uri, s3):
+        return f"{tiles_uri} not found (needed to read tiles back)"
+    if "uri" not in meta.columns:
+        return "slides.parquet has no uri column"
+    rows = km["rows"]
+    selection = P.select_gallery_tiles(
+        X[rows], km["assign"], km["centres"], res["kmeans_purity"]["clusters"]["purity"],
+        cfg.gallery_clusters, cfg.gallery_tiles)
+    if not selection:
+        return "no cluster large enough"
+    wanted = sorted({int(rows[i]) for s in selection for band in s["bands"].values() for i in band})
+    tiles = read_parquet(tiles_uri, s3).to_pandas()
+    want = meta.iloc[wanted][["slide_id", "tile_id", "uri", cfg.centre_column]].assign(row=wanted)
+    want = want.merge(tiles.drop(columns=[c for c in ("x", "y") if c not in tiles.columns], errors="ignore"),
+                      on=["slide_id", "tile_id"], how="left")
+    images: dict[int, np.ndarray] = {}
+    errors = []
+    for (sid, uri), grp in want.groupby(["slide_id", "uri"]):
+        if grp["level"].isna().any():
+            errors.append(f"{sid}: tiles not in tiles.parquet")
+            continue
+        try:
+            by_tile = P.read_tile_images(str(uri), grp.astype({"level": int, "read_px": int, "tile_px": int}), s3)
+        except Exception as e:  # unreadable slide: the gallery shows n/a
+            errors.append(f"{sid}: {e}")
+            continue
+        for r in grp.itertuples(index=False):
+            if int(r.tile_id) in by_tile:
+                images[int(r.row)] = by_tile[int(r.tile_id)]
+    if not images:
+        return "no tile could be read back: " + "; ".join(errors[:3])
+    # map selection from sample-row indices (within km rows) to meta rows
+    sel_meta = [{**s, "bands": {b: [int(rows[i]) for i in v] for b, v in s["bands"].items()}} for s in selection]
+    labels = {int(r.row): f"{getattr(r, cfg.centre_column)}" for r in want.itertuples(index=False)}
+    atomic_write_bytes(join(out_dir, "gallery.png"), P.gallery(
+        sel_meta, images, labels, f"Tiles near / medium / far from KMeans centres{title}"), s3)
+    res["kmeans_purity"]["gallery"] = [
+        {**s, "bands": {b: [{"slide_id": str(meta.iloc[i]["slide_id"]), "tile_id": int(meta.iloc[i]["tile_id"])}
+                            for i in v] for b, v in s["bands"].items()}} for s in sel_meta]
+    if errors:
+        res["kmeans_purity"]["gallery_errors"] = errors
+    return None
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _run_dir(cfg: RobustnessConfig, feature_dir: str) -> tuple[str, str]:
+    key = feature_dir.rstrip("/").rsplit("/", 1)[-1]
+    run = cfg.run or f"robustness-{key}"
+    return run, join(cfg.workdir, "runs", run)
+
+
+def _one(cfg: RobustnessConfig, feature_dir: str, slides: pd.DataFrame, out_dir: str, label: str,
+         slide_ids: list[str] | None, s3: S3Options | None) -> dict:
+    t0 = time.perf_counter()
+    X, meta, info = load_sample(feature_dir, slides, cfg.tiles_per_slide, cfg.seed, slide_ids, s3)
+    info["n_tiles_per_centre"] = {str(k): int(v) for k, v in meta[cfg.centre_column].astype("string")
+                                  .fillna("NA").value_counts().sort_index().items()} \
+        if cfg.centre_column in meta.columns else {}
+    res, arrays = analyse(X, meta, cfg)
+    doc = {
+        "stage": "robustness",
+        "raypath_version": __version__,
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "label": label,
+        "inputs": {**info, "slides_parquet": join(cfg.workdir, "slides.parquet"),
+                   "biology_column": cfg.biology_column, "centre_column": cfg.centre_column},
+        "config": cfg.to_dict(),
+        "metrics": {k: v for k, v in res.items() if k not in ("headline", "timings_s")},
+        "headline": res["headline"],
+        "timings_s": res["timings_s"],
+    }
+    if cfg.plots:
+        doc["plots_skipped"] = draw_plots(X, meta, doc["metrics"], arrays, cfg, out_dir, label, s3)
+    doc["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+    write_json(join(out_dir, RESULT_FILE), doc, s3)
+    return _jsonable(doc)
+
+
+def run_robustness(cfg: RobustnessConfig, s3: S3Options | None = None) -> dict:
+    """Measure the site information in one feature store; write ``runs/<run>/``.
+
+    Parameters
+    ----------
+    cfg
+        The analysis settings (see :class:`RobustnessConfig`).
+    s3
+        S3 settings when ``workdir`` is remote (default: from the environment).
+
+    Returns
+    -------
+    dict
+        The content of ``robustness.json`` (``headline``, ``metrics``, ``inputs``,
+        ``config``) plus ``run_dir``.
+    """
+    feature_dir = resolve_feature_dir(cfg.workdir, cfg.features)
+    run, out_dir = _run_dir(cfg, feature_dir)
+    cfg = cfg.model_copy(update={"run": run})
+    slides = load_slides(cfg.workdir, s3)  # fail on bad inputs before writing anything
+    cfg.save(out_dir)
+    doc = _one(cfg, feature_dir, slides, out_dir, "", None, s3)
+    log.info("robustness: %s", json.dumps(doc["headline"]))
+    return {**doc, "run_dir": out_dir}
+
+
+def compare(
+    feature_dir_a: str,
+    feature_dir_b: str,
+    cfg: RobustnessConfig,
+    label_a: str = "A",
+    label_b: str = "B",
+    s3: S3Options | None = None,
+) -> dict:
+    """The same analysis on two feature stores over the same slides and tiles.
+
+    Slides present in both stores are analysed, with the same random tiles
+    (same seed, same slides) when the stores hold the same tiles.  Writes
+    ``runs/<run>/comparison.json`` with ``a``, ``b`` (full results, also in
+    ``a/`` and ``b/`` with their plots) and ``delta`` (B - A for each
+    headline number, with the direction that means "more robust").
+    """
+    fa = resolve_feature_dir(cfg.workdir, feature_dir_a)
+    fb = resolve_feature_dir(cfg.workdir, feature_dir_b)
+    ka, kb = (f.rstrip("/").rsplit("/", 1)[-1] for f in (fa, fb))
+    run = cfg.run or f"compare-{ka}-vs-{kb}"
+    out_dir = join(cfg.workdir, "runs", run)
+    cfg = cfg.model_copy(update={"run": run})
+    slides = load_slides(cfg.workdir, s3)
+    common = sorted(set(FeatureStore(fa, s3).slide_ids()) & set(FeatureStore(fb, s3).slide_ids())
+                    & set(slides["slide_id"].astype(str)))
+    if not common:
+        raise RaypathError(f"{fa!r} and {fb!r} share no slide listed in slides.parquet: embed the same slides")
+    cfg.save(out_dir)
+    a = _one(cfg, fa, slides, join(out_dir, "a"), label_a or ka, common, s3)
+    b = _one(cfg, fb, slides, join(out_dir, "b"), label_b or kb, common, s3)
+    delta = {}
+    for key, _path, direction in HEADLINE:
+        va, vb = a["headline"].get(key), b["headline"].get(key)
+        d = (vb - va) if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+        better = None
+        if d is not None and direction and d != 0:
+            better = "b" if (d < 0) == (direction == "lower") else "a"
+        delta[key] = {"a": va, "b": vb, "delta": d, "more_robust_if": direction, "more_robust": better}
+    doc = {
+        "stage": "robustness-compare",
+        "raypath_version": __version__,
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "labels": {"a": a["label"], "b": b["label"]},
+        "feature_dirs": {"a": fa, "b": fb},
+        "n_common_slides": len(common),
+        "delta": delta,
+        "a": a,
+        "b": b,
+    }
+    write_json(join(out_dir, COMPARISON_FILE), doc, s3)
+    return {**_jsonable(doc), "run_dir": out_dir}
