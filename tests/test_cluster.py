@@ -1,0 +1,391 @@
+"""Running raypath on a real Ray cluster.
+
+Two kinds of tests:
+
+- static checks of what users deploy: the KubeRay manifests against KubeRay's
+  own CRD schemas (made strict, like ``kubectl apply --validate=strict``), the
+  cluster-launcher YAML through Ray's own validator, the Dockerfile, and the
+  job specs in ``jobs/`` against the real ``raypath`` CLI parser;
+- a real two-node Ray cluster started with ``ray start --head`` and
+  ``ray start --address``, to which jobs are submitted with ``raypath submit``.
+
+The local cluster lives entirely in subprocesses with their own temp dir and
+ports, so it never touches the in-process Ray of the ``ray_session`` fixture,
+and its teardown kills only the processes it started (never ``ray stop``,
+which would kill every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypath.errors import RaypathError
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_DIR = Path(__file__).parent / "data" / "kuberay-crds"
+KUBERAY_DIR = ROOT / "cluster" / "kuberay"
+AWS_YAML = ROOT / "cluster" / "aws" / "cluster.yaml"
+DOCKERFILE = ROOT / "cluster" / "Dockerfile"
+JOBS_DIR = ROOT / "jobs"
+RAY_VERSION = "2.60.0"
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_all(path: Path) -> list[dict]:
+    return [d for d in yaml.load_all(path.read_text(), Loader=_Loader) if d]
+
+
+def _strict(schema):
+    """Copy of an openAPIV3Schema where objects with declared properties reject
+    unknown fields (a typo such as ``rayStartParam`` is silently pruned by the
+    API server otherwise, and the setting is lost without a word)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) if k in ("properties", "items", "additionalProperties", "anyOf", "allOf", "oneOf") else v
+           for k, v in schema.items()}
+    if "properties" in out:
+        out["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in out and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+_SCHEMAS: dict[str, dict] = {}
+
+
+def crd_schema(kind: str) -> dict:
+    """Strict v1 openAPIV3Schema of the KubeRay CRD for ``kind``."""
+    if kind not in _SCHEMAS:
+        fname = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}[kind]
+        crd = yaml.load((CRD_DIR / fname).read_text(), Loader=_Loader)
+        assert crd["spec"]["names"]["kind"] == kind
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        _SCHEMAS[kind] = _strict(v1["schema"]["openAPIV3Schema"])
+    return _SCHEMAS[kind]
+
+
+def validate_manifest(doc: dict) -> list[str]:
+    """Schema errors of one KubeRay object (empty list = valid)."""
+    import jsonschema
+
+    assert doc.get("apiVersion") == "ray.io/v1", "KubeRay objects are ray.io/v1"
+    validator = jsonschema.Draft7Validator(crd_schema(doc["kind"]))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def kuberay_manifests() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(KUBERAY_DIR.glob("*.yaml")):
+        for doc in _load_all(path):
+            out.append((path.name, doc))
+    return out
+
+
+def cluster_spec_of(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def _containers(cluster_spec: dict):
+    yield "head", cluster_spec["headGroupSpec"]["template"]["spec"]["containers"]
+    for g in cluster_spec["workerGroupSpecs"]:
+        yield g["groupName"], g["template"]["spec"]["containers"]
+
+
+def job_specs() -> list[Path]:
+    return sorted(p for p in JOBS_DIR.glob("*.yaml") if not p.name.startswith("runtime_env"))
+
+
+def _raypath_commands(entrypoint: str) -> list[list[str]]:
+    """The ``raypath ...`` commands of an entrypoint (split at && / ; / ||)."""
+    cmds, cur = [], []
+    for tok in shlex.split(entrypoint):
+        if tok in ("&&", "||", ";"):
+            cmds.append(cur)
+            cur = []
+        else:
+            cur.append(tok)
+    cmds.append(cur)
+    return [c for c in cmds if c]
+
+
+def _check_parses(argv: list[str]) -> None:
+    """Parse a ``raypath`` command with the real CLI parser; skip verbs not built yet."""
+    from raypath.cli import build_parser
+
+    assert argv[0] == "raypath", f"entrypoint commands start with raypath: {argv}"
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices  # the registered verbs
+    if argv[1] not in verbs:
+        pytest.skip(f"`raypath {argv[1]}` is not in this checkout yet")
+    try:
+        parser.parse_args(argv[1:])
+    except SystemExit as e:  # argparse exits on unknown/invalid flags
+        pytest.fail(f"`{shlex.join(argv)}` does not parse with the raypath CLI (exit {e.code})")
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+def test_crds_are_the_kuberay_v1_schemas():
+    for kind in ("RayCluster", "RayJob"):
+        props = crd_schema(kind)["properties"]["spec"]["properties"]
+        assert "rayClusterSpec" in props if kind == "RayJob" else "workerGroupSpecs" in props
+
+
+@pytest.mark.parametrize("name,doc", kuberay_manifests(), ids=lambda v: v if isinstance(v, str) else "")
+def test_kuberay_manifest_validates_against_crd(name, doc):
+    errors = validate_manifest(doc)
+    assert not errors, f"{name} does not match the KubeRay CRD:\n" + "\n".join(errors[:20])
+
+
+def test_strict_crd_check_catches_typos_and_wrong_types():
+    """The schema check must be able to fail on the mistakes people make."""
+    (_, base) = next((n, d) for n, d in kuberay_manifests() if d["kind"] == "RayCluster")
+    typo = copy.deepcopy(base)
+    typo["spec"]["headGroupSpec"]["rayStartParam"] = typo["spec"]["headGroupSpec"].pop("rayStartParams")
+    assert any("rayStartParam" in e for e in validate_manifest(typo))
+    number = copy.deepcopy(base)
+    number["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    assert validate_manifest(number)
+    container_typo = copy.deepcopy(base)
+    container_typo["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resource"] = {}
+    assert validate_manifest(container_typo)
+    bad_mode = copy.deepcopy(base)
+    bad_mode["spec"]["authOptions"]["mode"] = "password"
+    assert validate_manifest(bad_mode)
+
+
+def test_kuberay_cluster_shape():
+    """Head does no work, GPU workers scale from zero on tainted GPU nodes,
+    token auth on, S3 settings from a Secret, one image, Ray version pinned."""
+    docs = kuberay_manifests()
+    assert {d["kind"] for _, d in docs} == {"RayCluster", "RayJob"}
+    for name, doc in docs:
+        spec = cluster_spec_of(doc)
+        assert spec["rayVersion"] == RAY_VERSION, name
+        assert spec["enableInTreeAutoscaling"] is True, name
+        assert spec["authOptions"]["mode"] == "token", name
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", name
+        gpu = [g for g in spec["workerGroupSpecs"]
+               if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
+        assert gpu, f"{name}: no GPU worker group"
+        for g in gpu:
+            assert g["minReplicas"] == 0 < g["maxReplicas"], name
+            assert g.get("replicas", 0) == 0, name
+            tol = g["template"]["spec"]["tolerations"]
+            assert any(t["key"] == "nvidia.com/gpu" for t in tol), name
+            for c in g["template"]["spec"]["containers"]:
+                assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        images = set()
+        for group, containers in _containers(spec):
+            for c in containers:
+                images.add(c["image"])
+                env = {e["name"]: e for e in c.get("env", [])}
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+                    assert key in env, f"{name}/{group}: {key} not set"
+                    assert "value" not in env[key], f"{name}/{group}: {key} must come from a Secret"
+                    assert env[key]["valueFrom"]["secretKeyRef"]["name"], name
+        assert len(images) == 1, f"{name}: one image for all groups, got {images}"
+
+
+def test_rayjobs_run_raypath_on_the_same_cluster_spec():
+    clusters = [d for _, d in kuberay_manifests() if d["kind"] == "RayCluster"]
+    jobs = [(n, d) for n, d in kuberay_manifests() if d["kind"] == "RayJob"]
+    assert len(clusters) == 1 and jobs
+    for name, job in jobs:
+        # One cluster definition: a fix in raycluster.yaml must reach the jobs.
+        assert job["spec"]["rayClusterSpec"] == clusters[0]["spec"], f"{name} drifted from raycluster.yaml"
+        assert job["spec"]["shutdownAfterJobFinishes"] is True, name
+        runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        assert isinstance(runtime_env, dict) and set(runtime_env) <= {"env_vars", "pip", "working_dir", "py_modules"}
+        for argv in _raypath_commands(job["spec"]["entrypoint"]):
+            _check_parses(argv)
+
+
+# --------------------------------------------------------------------------- AWS, Docker
+
+
+def test_aws_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(AWS_YAML.read_text())
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)  # what `ray up` runs first; raises on schema errors
+
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "no work on the head"
+    gpu = {k: v for k, v in types.items() if v["node_config"]["InstanceType"].startswith(("g", "p"))}
+    assert gpu and all(v["min_workers"] == 0 < v["max_workers"] for v in gpu.values())
+    spot = [k for k, v in types.items() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot and raw["head_node_type"] not in spot, "spot workers, on-demand head"
+    assert raw["max_workers"] >= max(v.get("max_workers", 0) for v in types.values())
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    assert "/home/ray/.ray/auth_token" in raw["file_mounts"]
+    # One image across deployments; Ray version matches the CLI that validated it.
+    kuberay_images = {c["image"] for _, d in kuberay_manifests() for _, cs in _containers(cluster_spec_of(d)) for c in cs}
+    assert {raw["docker"]["image"]} == kuberay_images
+    assert any("--num-cpus=0" in c for c in raw["head_start_ray_commands"])
+    # A typo in the file would be caught by the same validator.
+    bad = copy.deepcopy(cfg)
+    bad["docker"]["run_option"] = []
+    with pytest.raises(Exception):
+        validate_config(bad)
+
+
+def test_dockerfile_builds_from_ray_gpu_image_and_installs_raypath():
+    lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines()]
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert froms == [f"FROM rayproject/ray:{RAY_VERSION}-py311-gpu"]
+    copies = [shlex.split(ln)[1:] for ln in lines if ln.startswith("COPY ")]
+    sources = [s for c in copies for s in c[:-1] if not s.startswith("--")]
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+    # setuptools needs the readme pyproject.toml names.
+    import tomllib
+
+    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["readme"]
+    assert readme in sources
+    text = DOCKERFILE.read_text()
+    assert "pip install --no-deps ." in text and "raypath --help" in text
+    # The build context allow-list lets exactly the copied files through.
+    ignore = (ROOT / "cluster" / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    assert {s.rstrip("/") for s in sources} <= allowed
+    assert "*" in ignore, "the context must not carry .venv or data"
+
+
+# --------------------------------------------------------------------------- job specs
+
+
+def _dummy_vars(path: Path) -> dict[str, str]:
+    doc = yaml.safe_load(path.read_text())
+    return {k: f"s3://bucket/{k.lower()}" for k, v in (doc.get("vars") or {}).items() if v is None}
+
+
+@pytest.mark.parametrize("path", job_specs(), ids=lambda p: p.name)
+def test_job_spec_loads_and_its_commands_parse(path):
+    from raypath.submit import load_job_spec
+
+    spec = load_job_spec(path, _dummy_vars(path))
+    assert "${" not in spec.entrypoint
+    assert spec.runtime_env.get("env_vars", {}).get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1"
+    assert spec.metadata.get("stage")
+    for argv in _raypath_commands(spec.entrypoint):
+        _check_parses(argv)
+
+
+def test_every_stage_has_a_job_spec():
+    names = {p.stem for p in job_specs()}
+    assert {"synth", "ingest", "tile", "embed", "adapt", "mil", "robustness", "report", "demo", "pipeline"} <= names
+
+
+@pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("runtime_env*.yaml")), ids=lambda p: p.name)
+def test_runtime_envs_hold_no_secrets(path):
+    from raypath.storage import redact
+
+    env = yaml.safe_load(path.read_text())
+    assert set(env) <= {"env_vars", "working_dir", "py_modules", "pip", "excludes"}
+    assert redact(env) == env, f"{path.name}: secret-looking keys; secrets come from the nodes' environment"
+    assert not any(k.startswith(("AWS_", "HF_TOKEN")) for k in env.get("env_vars", {}))
+
+
+def test_job_spec_placeholders(tmp_path):
+    from raypath.submit import load_job_spec
+
+    (tmp_path / "env.yaml").write_text("env_vars: {A: '1'}\n")
+    spec_file = tmp_path / "x.yaml"
+    spec_file.write_text(
+        "entrypoint: raypath tile --workdir ${WORKDIR} --model ${MODEL}\n"
+        "vars: {WORKDIR: null, MODEL: tiny-vit}\nruntime_env: env.yaml\nentrypoint_num_gpus: 1\n"
+    )
+    with pytest.raises(RaypathError, match=r"WORKDIR.*--var WORKDIR="):
+        load_job_spec(spec_file)
+    spec = load_job_spec(spec_file, {"WORKDIR": "/data/my project"})
+    # A value with a space stays one argument.
+    assert shlex.split(spec.entrypoint)[3] == "/data/my project"
+    assert shlex.split(spec.entrypoint)[-1] == "tiny-vit"
+    assert spec.runtime_env == {"env_vars": {"A": "1"}} and spec.entrypoint_num_gpus == 1
+    with pytest.raises(RaypathError, match="no placeholder"):
+        load_job_spec(spec_file, {"WORKDIR": "w", "WORKDRI": "typo"})
+    spec_file.write_text("entrypoint: raypath tile\nresources: {GPU: 1}\n")
+    with pytest.raises(RaypathError, match="unknown keys"):
+        load_job_spec(spec_file)
+
+
+def _submit_parser():
+    """A parser with only the submit verb (independent of other stages' modules)."""
+    import argparse
+
+    from raypath import submit
+
+    parser = argparse.ArgumentParser(prog="raypath")
+    submit.add_cli(parser.add_subparsers(dest="verb"))
+    return parser
+
+
+def test_submit_cli_arguments():
+    from raypath.submit import _split_target
+
+    parser = _submit_parser()
+    args = parser.parse_args(["submit", "jobs/tile.yaml", "--var", "WORKDIR=w", "--wait", "--", "--tile-px", "224"])
+    assert _split_target(args) == ("jobs/tile.yaml", ["--tile-px", "224"])
+    assert args.var == ["WORKDIR=w"] and args.wait
+    args = parser.parse_args(["submit", "--follow", "--", "raypath", "tile", "--workdir", "x"])
+    assert _split_target(args) == (None, ["raypath", "tile", "--workdir", "x"]) and args.follow
+    args = parser.parse_args(["submit", "raypath", "tile"])
+    with pytest.raises(RaypathError, match="after --"):
+        _split_target(args)
+
+
+def test_address_and_token_come_from_the_environment(monkeypatch):
+    from raypath import submit
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RaypathError, match="RAY_ADDRESS"):
+        submit.resolve_address()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:8265")
+    assert submit.resolve_address() == "http://10.0.0.1:8265"
+    assert submit.resolve_address("https://ray.example.org/") == "https://ray.example.org"
+    with pytest.raises(RaypathError, match="dashboard"):
+        submit.resolve_address("ray://head:10001")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token-value")
+    assert submit.auth_headers() == {"Authorization": "Bearer s3cr3t-token-value"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert submit.auth_headers() == {}
+
+
+def test_unreachable_cluster_error_names_the_remedy_not_the_token(monkeypatch):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token-value")
+    args = _submit_parser().parse_args(["submit", "--address", f"127.0.0.1:{port}", "--list"])
+    with pytest.raises(RaypathError) as e:
+        args.func(args)
+    assert f"http://127.0.0.1:{port}" in str(e.value) and "RAY_AUTH_TOKEN" in str(e.value)
+    assert "s3cr3t-token-value" not in str(e.value)
