@@ -1,0 +1,47 @@
+"""``raypath mil``: a thin CLI over :func:`raypath.mil.api.run_mil`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _main(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from ..config import config_from_args
+    from ..errors import RaypathError
+    from .api import MilConfig, run_mil
+
+    try:
+        cfg = config_from_args(MilConfig, args)
+    except ValidationError as e:
+        raise RaypathError(f"invalid mil options: {e}") from None
+    res = run_mil(cfg)
+    s = res.summary
+    t = res.table()
+    if len(t):
+        t = t[t["metric"] == s["metric"]]
+        with __import__("pandas").option_context("display.width", 140, "display.max_rows", 200):
+            print(t[["name", "set", "cohort", "mean", "sd", "ci_low", "ci_high", "n"]].to_string(index=False, float_format="%.3f"))
+    if cfg.protocol == "lodo" and s.get("mean") is not None:
+        print(f"external {s['metric']}: mean {s['mean']:.3f}, worst {s['worst']:.3f} ({s['worst_cohort']})")
+    print(f"outputs in {res.run_dir}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    from ..config import add_config_arguments
+    from .api import MilConfig
+
+    p = subparsers.add_parser(
+        "mil",
+        help="train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)",
+        description=(
+            "Train attention-MIL heads on slide features and evaluate them with internal "
+            "cross-validation (grouped by patient), leave-one-dataset-out or pairwise cohort "
+            "transfer. Writes <workdir>/runs/<run>/ (config.yaml, metrics.json, "
+            "predictions.parquet, curves.parquet, curves.png, km.png)."
+        ),
+    )
+    add_config_arguments(p, MilConfig)
+    p.set_defaults(func=_main)
