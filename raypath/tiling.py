@@ -1,0 +1,515 @@
+"""``raypath tile``: tissue segmentation, then a tile grid at a target mpp.
+
+Geometry (plain functions, no I/O):
+
+* :func:`choose_level` picks the pyramid level to read from: the coarsest
+  level whose resolution is still at least the target (its mpp is at most
+  ``target_mpp * (1 + tolerance)``), and the square side ``read_px`` to read
+  there so that, resized to ``tile_px``, the tile has the target mpp.  A 40x
+  slide (0.25 um/px) tiled at 0.5 um/px reads 448 px at level 0 and resizes
+  to 224; a 20x slide (0.5 um/px) reads 224 px at level 0 with no resize.
+* :func:`tile_grid` lays tiles (level-0 px) over the slide with a stride.
+* :func:`tissue_fractions` measures each tile's tissue cover from the mask,
+  exactly (area-weighted), at any mask resolution.
+
+:func:`tile` runs one Ray Data task per ingested slide (the slide is opened
+inside the task: ``TiffSlide`` is not picklable) and writes
+``tiles.parquet``, ``tiling_summary.parquet`` and ``qc/<slide_id>.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import Field, ValidationError, model_validator
+
+from .config import StageConfig, add_config_arguments, config_from_args
+from .errors import RaypathError
+from .schemas import SLIDE_STATUS_OK, TILES, TILING_SUMMARY
+from .storage import S3Options, atomic_write_bytes, exists, join, makedirs, read_parquet, write_parquet_atomic
+from .tissue import TissueParams
+
+log = logging.getLogger(__name__)
+
+TILES_FILE = "tiles.parquet"
+SUMMARY_FILE = "tiling_summary.parquet"
+CONFIG_FILE = "tiling_config.yaml"
+QC_DIR = "qc"
+
+STATUS_OK = "ok"
+STATUS_NO_TISSUE = "no_tissue"
+STATUS_FAILED = "failed"
+
+
+class TileConfig(StageConfig):
+    """Parameters of ``raypath tile``."""
+
+    workdir: str = Field(description="project folder with slides.parquet (local path or s3:// URI)")
+    target_mpp: float = Field(0.5, gt=0, description="microns per pixel of the output tiles")
+    tile_px: int = Field(224, ge=8, description="side of the output tiles in px")
+    stride_px: int | None = Field(None, ge=1, description="grid step in output px (default: tile_px, no overlap)")
+    overlap_px: int | None = Field(None, ge=0, description="overlap of neighbouring tiles in output px (stride = tile - overlap)")
+    min_tissue_fraction: float = Field(0.6, ge=0, le=1, description="keep tiles with at least this tissue cover")
+    mpp_tolerance: float = Field(
+        0.1, ge=0, lt=1, description="relative mpp difference treated as equal (0.499 vs 0.5: no resize)"
+    )
+    allow_upsample: bool = Field(
+        False, description="tile slides scanned coarser than target_mpp by upsampling (invents no detail)"
+    )
+    thumbnail_px: int = Field(1024, ge=128, description="minimum long side of the segmentation thumbnail")
+    max_thumbnail_px: int = Field(4096, ge=128, description="cap of the thumbnail's long side")
+    min_tissue_area_um2: float = Field(20_000.0, ge=0, description="tissue pieces smaller than this are dropped")
+    exclude_pen: bool = Field(True, description="remove blue/green/black marker ink from the tissue mask")
+    qc: bool = Field(True, description="write qc/<slide_id>.png per slide")
+    use_ray: bool = Field(True, description="one Ray Data task per slide (False: tile in this process)")
+    s3_block_size_bytes: int = Field(512 * 1024, ge=4096, description="S3 read block size")
+    s3_cache_type: str = Field("readahead", description="fsspec cache type for S3 reads")
+
+    @model_validator(mode="after")
+    def _stride_or_overlap(self) -> "TileConfig":
+        if self.stride_px is not None and self.overlap_px is not None:
+            if self.stride_px != self.tile_px - self.overlap_px:
+                raise ValueError("give stride_px or overlap_px, not both (stride = tile_px - overlap_px)")
+        if self.overlap_px is not None and self.overlap_px >= self.tile_px:
+            raise ValueError(f"overlap_px={self.overlap_px} must be smaller than tile_px={self.tile_px}")
+        return self
+
+    @property
+    def effective_stride_px(self) -> int:
+        if self.stride_px is not None:
+            return self.stride_px
+        if self.overlap_px is not None:
+            return self.tile_px - self.overlap_px
+        return self.tile_px
+
+    def s3_options(self) -> S3Options:
+        return S3Options.from_env(block_size_bytes=self.s3_block_size_bytes, cache_type=self.s3_cache_type)
+
+    def tissue_params(self) -> TissueParams:
+        return TissueParams(
+            min_area_um2=self.min_tissue_area_um2,
+            max_hole_um2=self.min_tissue_area_um2,
+            exclude_pen=self.exclude_pen,
+        )
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+class ResolutionError(ValueError):
+    """The slide is scanned coarser than the target mpp."""
+
+
+def choose_level(
+    level0_mpp: float,
+    level_downsamples: list[float] | tuple[float, ...],
+    target_mpp: float,
+    tile_px: int = 224,
+    mpp_tolerance: float = 0.1,
+    allow_upsample: bool = False,
+) -> tuple[int, int]:
+    """The pyramid level to read and the square side to read there.
+
+    Parameters
+    ----------
+    level0_mpp
+        Microns per pixel at level 0.
+    level_downsamples
+        Downsample of each level relative to level 0 (``[1, 4, 16]``).
+    target_mpp
+        Microns per pixel of the output tile.
+    tile_px
+        Side of the output tile in px.
+    mpp_tolerance
+        Relative difference under which a level counts as being at the
+        target (no resize: 0.499 um/px reads ``tile_px`` for a 0.5 target).
+    allow_upsample
+        If the finest level is coarser than the target, read fewer pixels
+        at level 0 and upsample instead of raising.
+
+    Returns
+    -------
+    (level, read_px)
+        ``read_px`` is the side read at ``level``; it is resized to ``tile_px``.
+
+    Raises
+    ------
+    ResolutionError
+        When level 0 is coarser than the target (beyond the tolerance) and
+        ``allow_upsample`` is false.
+    """
+    if level0_mpp <= 0 or target_mpp <= 0:
+        raise ValueError(f"mpp must be positive (level0_mpp={level0_mpp}, target_mpp={target_mpp})")
+    limit = target_mpp * (1 + mpp_tolerance)
+    level_mpps = [level0_mpp * float(d) for d in level_downsamples]
+    ok = [i for i, m in enumerate(level_mpps) if m <= limit]
+    if not ok:
+        if not allow_upsample:
+            raise ResolutionError(
+                f"the slide is scanned at {level0_mpp:.3g} um/px, coarser than the target "
+                f"{target_mpp:g} um/px; lower --target-mpp or pass --allow-upsample"
+            )
+        level = 0
+    else:
+        # coarsest sufficient level = the one with the largest mpp among them
+        level = max(ok, key=lambda i: level_mpps[i])
+    ratio = target_mpp / level_mpps[level]
+    read_px = tile_px if abs(ratio - 1) <= mpp_tolerance else int(round(tile_px * ratio))
+    return level, max(read_px, 1)
+
+
+def tile_grid(width: int, height: int, tile_l0_px: float, stride_l0_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (level-0 px) of the tiles that fit entirely in the slide.
+
+    Tiles are laid from (0, 0) with step ``stride_l0_px``; partial tiles at the
+    right and bottom edges are left out.  Row-major order (y, then x).
+
+    Returns
+    -------
+    (x, y)
+        int64 arrays of equal length.
+    """
+    if tile_l0_px <= 0 or stride_l0_px <= 0:
+        raise ValueError("tile and stride sizes must be positive")
+    nx = int(math.floor((width - tile_l0_px) / stride_l0_px)) + 1 if width >= tile_l0_px else 0
+    ny = int(math.floor((height - tile_l0_px) / stride_l0_px)) + 1 if height >= tile_l0_px else 0
+    xs = np.round(np.arange(nx) * stride_l0_px).astype(np.int64)
+    ys = np.round(np.arange(ny) * stride_l0_px).astype(np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return gx.ravel(), gy.ravel()
+
+
+def tissue_fractions(
+    mask: np.ndarray,
+    downsample_x: float,
+    downsample_y: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    tile_l0_px: float,
+) -> np.ndarray:
+    """Fraction of each tile's area covered by tissue, from a low-resolution mask.
+
+    Exact for a mask made of constant pixels: the integral image of the mask
+    is piecewise bilinear, so interpolating it bilinearly at the tile corners
+    (in mask coordinates, fractional) gives the covered area even when a tile
+    spans only part of a mask pixel.
+
+    Parameters
+    ----------
+    mask
+        ``(H, W)`` bool tissue mask.
+    downsample_x, downsample_y
+        Level-0 px per mask px along each axis.
+    x, y
+        Tile top-left corners in level-0 px.
+    tile_l0_px
+        Tile side in level-0 px.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 in [0, 1], one per tile.
+    """
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), np.float64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), axis=0), axis=1)
+
+    def integral(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        px = np.clip(px, 0, w)
+        py = np.clip(py, 0, h)
+        x0 = np.minimum(np.floor(px).astype(np.int64), w - 1)
+        y0 = np.minimum(np.floor(py).astype(np.int64), h - 1)
+        u, v = px - x0, py - y0
+        return (
+            sat[y0, x0] * (1 - u) * (1 - v)
+            + sat[y0, x0 + 1] * u * (1 - v)
+            + sat[y0 + 1, x0] * (1 - u) * v
+            + sat[y0 + 1, x0 + 1] * u * v
+        )
+
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    x0, x1 = x / downsample_x, (x + tile_l0_px) / downsample_x
+    y0, y1 = y / downsample_y, (y + tile_l0_px) / downsample_y
+    area = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
+    full = (x1 - x0) * (y1 - y0)
+    return np.clip(area / np.maximum(full, 1e-12), 0, 1).astype(np.float32)
+
+
+@dataclass
+class SlidePlan:
+    """Tiling geometry of one slide."""
+
+    level: int
+    read_px: int
+    tile_l0_px: float  # tile side in level-0 px
+    stride_l0_px: float
+
+
+def plan_slide(
+    level0_mpp: float, level_downsamples: list[float], cfg: TileConfig
+) -> SlidePlan:
+    """Level, read size and level-0 tile/stride sizes for one slide."""
+    level, read_px = choose_level(
+        level0_mpp, level_downsamples, cfg.target_mpp, cfg.tile_px, cfg.mpp_tolerance, cfg.allow_upsample
+    )
+    ds = float(level_downsamples[level])
+    tile_l0 = read_px * ds
+    stride_l0 = cfg.effective_stride_px * (read_px / cfg.tile_px) * ds
+    return SlidePlan(level=level, read_px=read_px, tile_l0_px=tile_l0, stride_l0_px=stride_l0)
+
+
+def thumbnail_size(width: int, height: int, tile_l0_px: float, cfg: TileConfig) -> int:
+    """Long side of the segmentation thumbnail: at least ``cfg.thumbnail_px``
+    and fine enough that a tile spans ~8 mask px, capped at ``max_thumbnail_px``."""
+    want = math.ceil(8 * max(width, height) / max(tile_l0_px, 1))
+    return int(min(max(cfg.thumbnail_px, want), cfg.max_thumbnail_px, max(width, height)))
+
+
+def tiles_table(slide_id: str, x: np.ndarray, y: np.ndarray, frac: np.ndarray, plan: SlidePlan, cfg: TileConfig) -> pa.Table:
+    n = len(x)
+    return pa.Table.from_pydict(
+        {
+            "slide_id": [slide_id] * n,
+            "tile_id": np.arange(n, dtype=np.int64),
+            "x": np.asarray(x, np.int64),
+            "y": np.asarray(y, np.int64),
+            "level": np.full(n, plan.level, np.int32),
+            "read_px": np.full(n, plan.read_px, np.int32),
+            "tile_px": np.full(n, cfg.tile_px, np.int32),
+            "target_mpp": np.full(n, cfg.target_mpp, np.float64),
+            "tissue_fraction": np.asarray(frac, np.float32),
+        },
+        schema=TILES,
+    )
+
+
+# --------------------------------------------------------------------------- one slide
+
+
+def tile_slide(row: dict[str, Any], cfg: TileConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """Segment and tile one ingested slide; write its QC PNG.
+
+    Parameters
+    ----------
+    row
+        A ``slides.parquet`` row (needs ``slide_id``, ``uri``, ``mpp_x``,
+        ``level_downsamples``).
+    cfg
+        :class:`TileConfig`.
+
+    Returns
+    -------
+    (tiles, summary)
+        ``tiles`` follows :data:`raypath.schemas.TILES` (``tile_id`` 0..n-1,
+        row-major); ``summary`` is one :data:`TILING_SUMMARY` row.  Problems
+        never raise: a slide without tissue gets status ``no_tissue`` and a
+        warning, a slide that fails gets status ``failed`` and the reason.
+    """
+    from .qc import render_qc
+    from .slide_io import classify_exception, opened_slide
+    from .tissue import segment_slide
+
+    sid = str(row["slide_id"])
+    summary: dict[str, Any] = dict(slide_id=sid, n_tiles=0, level=None, read_px=None, status=STATUS_FAILED, warning=None, qc_png=None)
+    empty = TILES.empty_table()
+    try:
+        mpp = float(row["mpp_x"])
+        downs = [float(d) for d in row["level_downsamples"]]
+        plan = plan_slide(mpp, downs, cfg)
+    except ResolutionError as e:
+        summary["warning"] = f"resolution: {e}"
+        return empty, summary
+    except (TypeError, ValueError, KeyError) as e:
+        summary["warning"] = f"no usable mpp/levels in slides.parquet ({e}); run `raypath ingest` again"
+        return empty, summary
+    summary.update(level=plan.level, read_px=plan.read_px)
+    try:
+        with opened_slide(str(row["uri"]), cfg.s3_options()) as slide:
+            w, h = slide.dimensions
+            tissue = segment_slide(slide, mpp, thumbnail_size(w, h, plan.tile_l0_px, cfg), cfg.tissue_params())
+        x, y = tile_grid(w, h, plan.tile_l0_px, plan.stride_l0_px)
+        frac = tissue_fractions(tissue.mask, tissue.downsample_x, tissue.downsample_y, x, y, plan.tile_l0_px)
+        keep = frac >= cfg.min_tissue_fraction
+        tiles = tiles_table(sid, x[keep], y[keep], frac[keep], plan, cfg)
+        summary["n_tiles"] = tiles.num_rows
+        if tiles.num_rows == 0:
+            summary["status"] = STATUS_NO_TISSUE
+            summary["warning"] = (
+                f"no tile reaches {cfg.min_tissue_fraction:.0%} tissue (tissue covers "
+                f"{tissue.mask.mean():.1%} of the thumbnail); check the QC image, lower "
+                "--min-tissue-fraction, or drop the slide"
+            )
+        else:
+            summary["status"] = STATUS_OK
+        if cfg.qc:
+            png = render_qc(
+                tissue.thumbnail, tissue.mask, tissue.downsample_x, tissue.downsample_y,
+                x[keep], y[keep], plan.tile_l0_px,
+                title=f"{sid}  |  {tiles.num_rows} tiles  |  level {plan.level}, read {plan.read_px} px -> "
+                f"{cfg.tile_px} px  |  {mpp:.3g} -> {cfg.target_mpp:g} um/px",
+            )
+            qc_uri = join(cfg.workdir, QC_DIR, f"{sid}.png")
+            atomic_write_bytes(qc_uri, png, cfg.s3_options())
+            summary["qc_png"] = qc_uri
+        return tiles, summary
+    except Exception as e:  # one bad slide never stops the cohort
+        summary["warning"] = str(classify_exception(e, str(row["uri"])))
+        summary["status"] = STATUS_FAILED
+        return empty, summary
+
+
+def _tile_row(item: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
+    """Ray Data map: one slide in, one row out (tiles as Arrow IPC bytes so
+    empty and non-empty slides share one block schema)."""
+    row = json.loads(item["row_json"])
+    tiles, summary = tile_slide(row, cfg)
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, TILES) as writer:
+        writer.write_table(tiles)
+    return {"slide_id": row["slide_id"], "summary_json": json.dumps(summary), "tiles_ipc": sink.getvalue()}
+
+
+def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
+    from .ray_env import ensure_ray
+
+    ensure_ray()
+    import ray
+
+    items = [{"row_json": json.dumps(r, default=_json_default)} for r in rows]
+    # one block per slide -> one task per slide; slides are opened inside the task
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(_tile_row, fn_kwargs={"cfg": cfg}, num_cpus=1)
+    return ds.take_all()
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    return str(v)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def tile(cfg: TileConfig) -> pd.DataFrame:
+    """Tile every ingested slide of ``<workdir>/slides.parquet``.
+
+    Writes ``<workdir>/tiles.parquet`` (schema :data:`TILES`),
+    ``<workdir>/tiling_summary.parquet`` (:data:`TILING_SUMMARY`, one row per
+    slide incl. slides that failed ingest), ``<workdir>/qc/<slide_id>.png``
+    and ``<workdir>/tiling_config.yaml``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The tiles table.
+
+    Raises
+    ------
+    RaypathError
+        If ``slides.parquet`` is missing (run ``raypath ingest`` first).
+    """
+    s3 = cfg.s3_options()
+    slides_uri = join(cfg.workdir, "slides.parquet")
+    if not exists(slides_uri, s3):
+        raise RaypathError(f"{slides_uri} not found: run `raypath ingest --workdir {cfg.workdir}` first")
+    slides = read_parquet(slides_uri, s3).to_pandas()
+    ok = slides[slides["status"] == SLIDE_STATUS_OK]
+    cols = ["slide_id", "uri", "mpp_x", "level_downsamples"]
+    rows = [{c: r[c] for c in cols} for _, r in ok.iterrows()]
+    for r in rows:
+        r["level_downsamples"] = [float(d) for d in r["level_downsamples"]]
+    log.info("tile: %d of %d slides ingested ok", len(rows), len(slides))
+    makedirs(cfg.workdir, s3)
+    if cfg.qc:
+        makedirs(join(cfg.workdir, QC_DIR), s3)
+
+    results: dict[str, tuple[pa.Table, dict[str, Any]]] = {}
+    if cfg.use_ray and rows:
+        for out in _run_ray(rows, cfg):
+            tiles = pa.ipc.open_stream(out["tiles_ipc"]).read_all()
+            results[out["slide_id"]] = (tiles, json.loads(out["summary_json"]))
+    else:
+        for r in rows:
+            results[r["slide_id"]] = tile_slide(r, cfg)
+
+    tables, summaries = [], []
+    for _, s in slides.iterrows():  # cohort order, not completion order
+        sid = str(s["slide_id"])
+        if sid in results:
+            t, summ = results[sid]
+            tables.append(t)
+            summaries.append(summ)
+        else:
+            summaries.append(
+                dict(slide_id=sid, n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
+                     warning=f"not tiled: ingest failed ({s['error']})", qc_png=None)
+            )
+    tiles_all = pa.concat_tables(tables) if tables else TILES.empty_table()
+    summary_tbl = pa.Table.from_pylist(summaries, schema=TILING_SUMMARY)
+    write_parquet_atomic(tiles_all, join(cfg.workdir, TILES_FILE), s3)
+    write_parquet_atomic(summary_tbl, join(cfg.workdir, SUMMARY_FILE), s3)
+    cfg.save(cfg.workdir, name=CONFIG_FILE)
+    for s in summaries:
+        if s["status"] != STATUS_OK:
+            log.warning("tile: slide %s %s: %s", s["slide_id"], s["status"], s["warning"])
+    log.info("tile: %d tiles from %d slides -> %s", tiles_all.num_rows, len(tables), join(cfg.workdir, TILES_FILE))
+    return tiles_all.to_pandas()
+
+
+def read_summary(workdir: str, s3: S3Options | None = None) -> pd.DataFrame:
+    """``tiling_summary.parquet`` of a workdir as a DataFrame."""
+    return read_parquet(join(workdir, SUMMARY_FILE), s3).to_pandas()
+
+
+def summarize(summary: pd.DataFrame) -> str:
+    """A short text report of a tiling run (what the CLI prints)."""
+    counts = summary["status"].value_counts().to_dict()
+    lines = [
+        f"{int(summary['n_tiles'].sum())} tiles from {len(summary)} slides "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    ]
+    for _, r in summary[summary["status"] != STATUS_OK].iterrows():
+        lines.append(f"  {r['status'].upper()} {r['slide_id']}: {r['warning']}")
+    return "\n".join(lines)
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tile",
+        help="segment tissue and lay a tile grid at a target mpp (tiles.parquet + QC PNGs)",
+        description=(
+            "For every slide ingested ok: tissue mask on a thumbnail, tile grid at --target-mpp "
+            "and --tile-px (reading the right pyramid level and resizing when needed), tiles with "
+            "at least --min-tissue-fraction tissue. One Ray Data task per slide. Writes "
+            "<workdir>/tiles.parquet, tiling_summary.parquet and qc/<slide_id>.png."
+        ),
+    )
+    add_config_arguments(p, TileConfig)
+
+    def run(args) -> int:
+        try:
+            cfg = config_from_args(TileConfig, args)
+        except ValidationError as e:
+            raise RaypathError(f"invalid tile options: {e}") from None
+        tile(cfg)
+        print(summarize(read_summary(cfg.workdir, cfg.s3_options())))
+        print(f"wrote {join(cfg.workdir, TILES_FILE)}")
+        return 0
+
+    p.set_defaults(func=run)
