@@ -9,8 +9,9 @@ REST API ``ray job submit`` uses).  What it adds:
   command and the same settings every time;
 - **address and token from the environment**: ``--address`` or
   ``RAY_ADDRESS`` (the dashboard URL, ``http://HEAD:8265``); a token-auth
-  cluster's token from ``RAY_AUTH_TOKEN``.  The token is sent as a bearer
-  header and never printed or written anywhere.
+  cluster's token from ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH``, or
+  ``~/.ray/auth_token`` with ``RAY_AUTH_MODE=token``, as Ray looks it up).
+  The token is sent as a bearer header and never printed or written anywhere.
 
 Job spec format (all keys but ``entrypoint`` optional)::
 
@@ -200,9 +201,29 @@ def resolve_address(address: str | None = None) -> str:
     return addr.rstrip("/")
 
 
-def auth_headers() -> dict[str, str]:
-    """Bearer header for a token-auth cluster, from ``$RAY_AUTH_TOKEN`` (empty if unset)."""
+def auth_token() -> str | None:
+    """The cluster token, looked up like Ray does: ``$RAY_AUTH_TOKEN``, else the
+    file in ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` when
+    ``RAY_AUTH_MODE=token``.  ``None`` for a cluster without token auth."""
     token = os.environ.get(ENV_TOKEN, "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not path and os.environ.get("RAY_AUTH_MODE") == "token":
+        path = str(Path.home() / ".ray" / "auth_token")
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip() or None
+        except OSError:
+            raise RaypathError(
+                f"cannot read the Ray auth token file {path}; set RAY_AUTH_TOKEN or fix RAY_AUTH_TOKEN_PATH"
+            ) from None
+    return None
+
+
+def auth_headers() -> dict[str, str]:
+    """Bearer header for a token-auth cluster (empty without a token)."""
+    token = auth_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -220,7 +241,7 @@ def job_client(address: str | None = None):
     try:
         return JobSubmissionClient(url, headers=auth_headers() or None)
     except Exception as e:  # the client raises ConnectionError/RuntimeError/ValueError
-        msg = str(e).replace(os.environ.get(ENV_TOKEN, "") or "\0", "***")
+        msg = str(e).replace(auth_token() or "\0", "***")
         raise RaypathError(
             f"cannot reach the Ray job server at {url} ({msg}); check that the head is up, the "
             "dashboard port (8265) is reachable, and RAY_AUTH_TOKEN is set for a token-auth cluster"

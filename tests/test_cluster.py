@@ -223,6 +223,13 @@ def test_rayjobs_run_raypath_on_the_same_cluster_spec():
         assert isinstance(runtime_env, dict) and set(runtime_env) <= {"env_vars", "pip", "working_dir", "py_modules"}
         for argv in _raypath_commands(job["spec"]["entrypoint"]):
             _check_parses(argv)
+            # Files the entrypoint takes from the image must be in the repo and copied by the Dockerfile.
+            for arg in argv:
+                if arg.startswith("/home/ray/raypath/"):
+                    rel = arg.removeprefix("/home/ray/raypath/")
+                    assert (ROOT / rel).is_file(), f"{name}: {rel} is not in the repository"
+                    copied = [c for c in DOCKERFILE.read_text().splitlines() if c.startswith("COPY ")]
+                    assert any(rel.startswith(shlex.split(c)[-2].rstrip("/")) for c in copied), f"{name}: {rel} not in the image"
 
 
 # --------------------------------------------------------------------------- AWS, Docker
@@ -361,7 +368,7 @@ def test_submit_cli_arguments():
         _split_target(args)
 
 
-def test_address_and_token_come_from_the_environment(monkeypatch):
+def test_address_and_token_come_from_the_environment(monkeypatch, tmp_path):
     from raypath import submit
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -375,7 +382,16 @@ def test_address_and_token_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token-value")
     assert submit.auth_headers() == {"Authorization": "Bearer s3cr3t-token-value"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     assert submit.auth_headers() == {}
+    token_file = tmp_path / "auth_token"
+    token_file.write_text("from-a-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert submit.auth_headers() == {"Authorization": "Bearer from-a-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(RaypathError, match="RAY_AUTH_TOKEN_PATH"):
+        submit.auth_headers()
 
 
 def test_unreachable_cluster_error_names_the_remedy_not_the_token(monkeypatch):
@@ -389,3 +405,220 @@ def test_unreachable_cluster_error_names_the_remedy_not_the_token(monkeypatch):
         args.func(args)
     assert f"http://127.0.0.1:{port}" in str(e.value) and "RAY_AUTH_TOKEN" in str(e.value)
     assert "s3cr3t-token-value" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- a real local cluster
+
+_MARKER = "RAYPATH_TEST_CLUSTER"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_of(sessions: set[int], marker: str) -> list[int]:
+    """Live processes started by our ``ray start`` commands: in their sessions
+    (``start_new_session``), or carrying our marker in their environment
+    (processes that left the session, e.g. job drivers).  Never anything else."""
+    me = os.getpid()
+    tag = f"\0{_MARKER}={marker}".encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # zombie: already dead
+                continue
+            hit = int(fields[3]) in sessions
+            if not hit:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    hit = tag in b"\0" + f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if hit:
+            out.append(int(name))
+    return out
+
+
+class LocalRayCluster:
+    """A head and worker nodes started with ``ray start --block`` in their own
+    sessions, temp dir and ports.  ``kill_node``/``shutdown`` kill exactly
+    those processes (SIGKILL: a node failure, or a teardown that cannot hang)."""
+
+    def __init__(self, venv_bin: Path):
+        self.venv_bin = venv_bin
+        self.run_id = uuid.uuid4().hex[:8]
+        # Short: Ray's Unix socket paths live under it (108-byte limit).
+        self.temp_root = Path(tempfile.mkdtemp(prefix="rpc", dir="/tmp"))
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.gcs_port = _free_port()
+        self.dashboard_port = _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _env(self, node: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update(
+            RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_DATA_DISABLE_PROGRESS_BARS="1",
+            # Notice a dead node in ~3 s instead of ~30 s.
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
+            PATH=f"{self.venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            **{_MARKER: f"{self.run_id}-{node}"},
+        )
+        return env
+
+    def _ports(self) -> list[str]:
+        flags = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port", "node-manager-port", "object-manager-port"]
+        return [f"--{f}={_free_port()}" for f in flags]
+
+    def _start(self, node: str, args: list[str]) -> None:
+        log = open(self.temp_root / f"{node}.log", "w")
+        self.nodes[node] = subprocess.Popen(
+            [str(self.venv_bin / "ray"), "start", "--block", "--disable-usage-stats",
+             f"--temp-dir={self.temp_root / node}", "--object-store-memory=80000000", *self._ports(), *args],
+            env=self._env(node), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+
+    def _get(self, path: str):
+        with urllib.request.urlopen(self.address + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self._get("/api/v0/nodes")["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def _wait(self, what: str, ok, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self.nodes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ray node {name} exited:\n" + self.log(name)[-3000:])
+            try:
+                if ok():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"local Ray cluster: {what} not ready after {timeout_s} s")
+
+    def start_head(self, num_cpus: int = 1, timeout_s: float = 120) -> None:
+        self._start("head", ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
+                             f"--ray-client-server-port={_free_port()}"])
+        self._wait("head", lambda: self._get("/api/version") is not None, timeout_s)
+
+    def add_worker(self, name: str, num_cpus: int = 1, resources: dict | None = None, timeout_s: float = 120) -> None:
+        before = len(self.alive_nodes())
+        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
+                           f"--resources={json.dumps(resources or {})}"])
+        self._wait(f"worker {name}", lambda: len(self.alive_nodes()) > before, timeout_s)
+
+    def log(self, node: str) -> str:
+        return (self.temp_root / f"{node}.log").read_text(errors="replace")
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL every process of one node (a machine failure); returns how many."""
+        proc = self.nodes.pop(name)
+        pids = _pids_of({proc.pid}, f"{self.run_id}-{name}")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+        return len(pids)
+
+    def shutdown(self) -> None:
+        sessions = {p.pid for p in self.nodes.values()}
+        for _ in range(3):
+            pids = _pids_of(sessions, self.run_id)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        for proc in self.nodes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.nodes.clear()
+        shutil.rmtree(self.temp_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """A head (1 CPU) and one worker node (1 CPU, custom resource
+    ``worker_node``), both real ``ray start`` nodes."""
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("the local-cluster tests find their processes through /proc (Linux)")
+    cluster = LocalRayCluster(Path(sys.executable).parent)
+    try:
+        cluster.start_head(num_cpus=1)
+        cluster.add_worker("worker", num_cpus=1, resources={"worker_node": 1})
+        yield cluster
+    finally:
+        cluster.shutdown()
+        assert not _pids_of(set(), cluster.run_id), "processes of the local cluster survived its teardown"
+
+
+def _submit(cluster, *argv: str) -> tuple[int, str, str]:
+    """``raypath submit`` in a subprocess (as a user runs it); (rc, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    env["RAY_ADDRESS"] = cluster.address
+    p = subprocess.run([str(cluster.venv_bin / "raypath"), "submit", *argv], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.slow
+def test_job_runs_across_both_nodes(local_cluster, tmp_path):
+    """`raypath submit -- CMD` runs the command as a Ray job whose tasks reach
+    the second node; status, logs and list report it."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import ray\n"
+        "ray.init()\n"
+        "where = ray.remote(lambda: ray.get_runtime_context().get_node_id())\n"
+        "nodes = {ray.get(where.options(resources={'worker_node': 1}).remote()), ray.get_runtime_context().get_node_id()}\n"
+        "print('NODES', len(nodes), len(ray.nodes()))\n"
+    )
+    rc, out, err = _submit(local_cluster, "--wait", "--timeout-s", "300", "--submission-id",
+                           f"probe-{uuid.uuid4().hex[:6]}", "--", "python", str(script))
+    assert rc == 0, err
+    job_id = out.split()[0]
+    assert job_id.startswith("probe-") and "SUCCEEDED" in err
+
+    from raypath.submit import job_logs, job_status, list_jobs
+
+    assert job_status(job_id, local_cluster.address) == "SUCCEEDED"
+    assert "NODES 2 2" in job_logs(job_id, local_cluster.address)
+    assert job_id in {j.submission_id for j in list_jobs(local_cluster.address)}
+
+
+@pytest.mark.slow
+def test_failed_and_stopped_jobs_are_reported(local_cluster, capsys):
+    from raypath.submit import job_client, job_status, stop_job, submit_job, wait_for_job
+
+    client = job_client(local_cluster.address)
+    sleeper = submit_job("sleep 300", client=client)
+    # The CLI waits for a failing job and exits 1 (in-process: no interpreter start-up).
+    args = _submit_parser().parse_args(
+        ["submit", "--address", local_cluster.address, "--wait", "--timeout-s", "300",
+         "--", "python", "-c", "raise SystemExit(3)"])
+    assert args.func(args) == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert job_status(sleeper, client=client) in ("PENDING", "RUNNING")
+    assert stop_job(sleeper, client=client)
+    assert wait_for_job(sleeper, client=client, timeout_s=60) == "STOPPED"
