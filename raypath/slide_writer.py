@@ -85,10 +85,20 @@ class SlideGeometry:
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
-    """Downsample (h, w, 3) uint8 by averaging f x f blocks (h, w multiples of f)."""
-    h, w, c = a.shape
-    s = a.reshape(h // f, f, w // f, f, c).astype(np.uint16).sum(axis=(1, 3), dtype=np.uint32)
-    return ((s + (f * f) // 2) // (f * f)).astype(np.uint8)
+    """Downsample (h, w, 3) uint8 by averaging f x f blocks (h, w multiples of f).
+
+    Strided adds in uint16 (at most 16 x 16 x 255 fits): several times faster
+    than ``reshape(...).sum(axis=(1, 3))``.
+    """
+    rows = a[0::f].astype(np.uint16)
+    for i in range(1, f):
+        rows += a[i::f]
+    s = rows[:, 0::f].copy()
+    for j in range(1, f):
+        s += rows[:, j::f]
+    s += (f * f) // 2
+    s //= f * f
+    return s.astype(np.uint8)
 
 
 def _resize(a: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:

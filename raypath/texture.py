@@ -132,6 +132,9 @@ def beer_lambert_rgb(
 # --------------------------------------------------------------------------- smooth noise
 
 
+_NOISE_CHUNK_PX = 512
+
+
 class ValueNoise:
     """Smooth random field on a coarse lattice, evaluated anywhere.
 
@@ -167,16 +170,23 @@ class ValueNoise:
         ny, nx = self.grid.shape
         iy, wy = self._weights(y_um / self.sy, ny)
         ix, wx = self._weights(x_um / self.sx, nx)
-        rows = sum(self.grid[iy + k] * wy[k][:, None] for k in range(4))
-        lo, hi = int(ix.min()), int(ix.max()) + 4
-        if hi - lo <= 128:
-            # few lattice columns: one small matrix product beats four gathers
-            m = np.zeros((hi - lo, len(x_um)), np.float32)
-            cols = np.arange(len(x_um))
+        rows = self.grid[iy] * wy[0][:, None]
+        for k in range(1, 4):
+            rows += self.grid[iy + k] * wy[k][:, None]
+        # columns: B-spline weights as a sparse (lattice x pixel) matrix, applied
+        # per chunk of pixels so each product only touches the few lattice
+        # columns under that chunk (BLAS beats four fancy-index gathers)
+        out = np.empty((len(y_um), len(x_um)), np.float32)
+        for c0 in range(0, len(x_um), _NOISE_CHUNK_PX):
+            c1 = min(c0 + _NOISE_CHUNK_PX, len(x_um))
+            ixc = ix[c0:c1]
+            lo, hi = int(ixc.min()), int(ixc.max()) + 4
+            m = np.zeros((hi - lo, c1 - c0), np.float32)
+            cols = np.arange(c1 - c0)
             for k in range(4):
-                m[ix + k - lo, cols] += wx[k]
-            return rows[:, lo:hi] @ m
-        return sum(rows[:, ix + k] * wx[k] for k in range(4))
+                m[ixc + k - lo, cols] += wx[k, c0:c1]
+            out[:, c0:c1] = rows[:, lo:hi] @ m
+        return out
 
     def at(self, y_um: np.ndarray, x_um: np.ndarray) -> np.ndarray:
         """Values at scattered points."""
@@ -205,9 +215,9 @@ class BlobField:
         self.a = rng.uniform(0.6, 1.0, n_blobs)
 
     def band(self, y_um: np.ndarray, x_um: np.ndarray) -> np.ndarray:
-        ey = np.exp(-0.5 * ((y_um[:, None] - self.cy) / self.s) ** 2) * self.a
-        ex = np.exp(-0.5 * ((x_um[:, None] - self.cx) / self.s) ** 2)
-        return (ey @ ex.T).astype(np.float32)
+        ey = (np.exp(-0.5 * ((y_um[:, None] - self.cy) / self.s) ** 2) * self.a).astype(np.float32)
+        ex = np.exp(-0.5 * ((x_um[:, None] - self.cx) / self.s) ** 2).astype(np.float32)
+        return ey @ ex.T
 
     def at(self, y_um: np.ndarray, x_um: np.ndarray) -> np.ndarray:
         d2 = ((y_um[:, None] - self.cy) / self.s) ** 2 + ((x_um[:, None] - self.cx) / self.s) ** 2
@@ -672,18 +682,26 @@ def _gauss_kernel(sigma_px: float) -> np.ndarray:
 
 
 def _convolve_axis(a: np.ndarray, k: np.ndarray, axis: int) -> np.ndarray:
-    """Same-size 1-D convolution along ``axis`` with edge replication (shifted adds:
-    faster than scipy.ndimage for the short kernels of scanner blur)."""
+    """Same-size 1-D convolution of a symmetric kernel along ``axis`` with edge
+    replication (shifted adds: faster than scipy.ndimage for the short kernels
+    of scanner blur; symmetric taps are added before multiplying)."""
     r = len(k) // 2
     pad = [(0, 0)] * a.ndim
     pad[axis] = (r, r)
     p = np.pad(a, pad, mode="edge")
     n = a.shape[axis]
-    out = np.zeros_like(a)
-    for i, wgt in enumerate(k):
+
+    def shifted(i: int) -> np.ndarray:
         sl = [slice(None)] * a.ndim
         sl[axis] = slice(i, i + n)
-        out += wgt * p[tuple(sl)]
+        return p[tuple(sl)]
+
+    out = a * k[r]
+    tmp = np.empty_like(a)
+    for j in range(1, r + 1):
+        np.add(shifted(r - j), shifted(r + j), out=tmp)
+        tmp *= k[r + j]
+        out += tmp
     return out
 
 
