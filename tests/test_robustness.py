@@ -233,7 +233,8 @@ def test_run_and_compare_end_to_end(tmp_path, cmu_slide):
         write_bag_table(str(wd / "features" / "fm-adapted"), sid, np.arange(len(grp)),
                         np.zeros((len(grp), 2), int), BIO[0][grp.index.to_numpy()])
     cfg = RobustnessConfig(workdir=str(wd), features="fm", tiles_per_slide=8, kmeans_repeats=2,
-                           gallery_tiles=2, gallery_clusters=2, umap=False)
+                           gallery_tiles=2, gallery_clusters=2, umap=False, tsne_tiles_per_slide=3,
+                           tsne_iterations=250)
     out = run_robustness(cfg)
     run_dir = wd / "runs" / "robustness-fm"
     doc = json.loads((run_dir / "robustness.json").read_text())
@@ -247,7 +248,7 @@ def test_run_and_compare_end_to_end(tmp_path, cmu_slide):
     assert doc["metrics"]["kmeans_purity"]["gallery"], doc.get("plots_skipped")
 
     cmp = compare("fm", "fm-adapted", cfg.model_copy(update={"run": "before-after", "gallery": False,
-                                                              "plots": False}),
+                                                              "plots": False, "cluster_score_k": 3}),
                   label_a="frozen", label_b="adapted")
     d = cmp["delta"]
     assert d["robustness_index"]["more_robust"] == "b" and d["robustness_index"]["delta"] > 0.3

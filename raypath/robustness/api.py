@@ -21,6 +21,7 @@ time whatever the cohort size, so it needs no Ray.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import time
@@ -34,7 +35,16 @@ from .. import __version__
 from ..config import StageConfig
 from ..errors import RaypathError
 from ..features import FeatureStore
-from ..storage import S3Options, atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol
+from ..storage import (
+    S3Options,
+    atomic_write_bytes,
+    exists,
+    is_remote,
+    join,
+    read_parquet,
+    redact,
+    strip_protocol,
+)
 from . import metrics as M
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,7 @@ class RobustnessConfig(StageConfig):
     tiles_per_slide: int = Field(100, description="random tiles read per slide (KMeans purity uses all of them)")
     tsne_tiles_per_slide: int = Field(10, description="tiles per slide in the t-SNE/UMAP maps")
     tsne_max_points: int = Field(5000, description="cap on points in the 2-D maps")
+    tsne_iterations: int = Field(1000, description="t-SNE optimisation steps (>= 250)")
     kmeans_k: int = Field(200, description="KMeans clusters for purity (capped to n_tiles/20 on small data)")
     kmeans_repeats: int = Field(20, description="KMeans repeats (different seeds) for purity")
     kmeans_max_samples: int = Field(50000, description="cap on tiles clustered for purity (slide-balanced)")
@@ -157,11 +168,15 @@ def load_sample(
     meta = meta.merge(slides.assign(slide_id=slides["slide_id"].astype(str)), on="slide_id", how="left",
                       suffixes=("", "_slide"))
     manifest = store.manifest()
+    entries = manifest.get("slides", {}) if isinstance(manifest.get("slides"), dict) else {}
     info = {
         "feature_dir": feature_dir,
-        "manifest": {k: manifest.get(k) for k in ("model_key", "model", "model_name", "weights_sha256",
-                                                  "adapter_sha256", "preprocessing", "created_at")
-                     if k in manifest},
+        # what produced the features: model, weights/adapter sha256, preprocessing
+        "manifest": redact({k: v for k, v in manifest.items() if k not in ("slides", "failed", "schema")}),
+        # one digest over the per-slide cache keys of the slides analysed
+        "slides_cache_digest": hashlib.sha256(
+            json.dumps({s: entries.get(s) for s in ids}, sort_keys=True, default=str).encode()
+        ).hexdigest() if entries else None,
         "n_slides_in_store": len(have),
         "n_slides_without_metadata": len(have - known),
         "n_slides": len(ids),
@@ -331,7 +346,7 @@ def draw_plots(
     methods = ["tsne"] + (["umap"] if cfg.umap and P.umap_available() else [])
     for method in methods:
         try:
-            xy = P.embed_2d(X[sel], method=method, seed=cfg.seed)
+            xy = P.embed_2d(X[sel], method=method, seed=cfg.seed, iterations=cfg.tsne_iterations)
             put(f"{method}.png", P.scatter_by(
                 xy, colourings, f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(sel)} tiles"
                 f" ({cfg.tsne_tiles_per_slide}/slide){title}"))

@@ -56,7 +56,9 @@ def umap_available() -> bool:
     return True
 
 
-def embed_2d(X: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+def embed_2d(
+    X: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: float = 30.0, iterations: int = 1000
+) -> np.ndarray:
     """2-D coordinates of ``X`` by t-SNE (perplexity 30, PCA init) or UMAP.
 
     Features are L2-normalised first (the geometry of the metrics).
@@ -79,7 +81,8 @@ def embed_2d(X: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: flo
     if Xn.shape[1] > 50 and n > 50:
         Xn = PCA(n_components=50, random_state=seed).fit_transform(Xn)
     perp = float(min(perplexity, max(2.0, (n - 1) / 3.0)))
-    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(Xn)
+    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed,
+                max_iter=max(250, int(iterations))).fit_transform(Xn)
 
 
 def scatter_by(
