@@ -416,6 +416,11 @@ def write_index_report(workdir: str, s3: S3Options | None = None) -> list[str]:
     return [uri] + written
 
 
+def write_workdir_report(workdir: str, s3: S3Options | None = None) -> str:
+    """Reports for every run/sweep plus the index page; returns the index URI (``<workdir>/report.html``)."""
+    return write_index_report(workdir, s3)[0]
+
+
 def report(path: str, compare_to: str | None = None, out: str | None = None,
            s3: S3Options | None = None) -> list[str]:
     """Python entry of ``raypath report``: a workdir, a run folder, or two run folders.
