@@ -152,3 +152,24 @@ def test_two_worker_ddp_through_ray_train(workdir, ray_session):
     info = json.loads((d / "metrics.json").read_text())
     assert info["world_size"] == 2
     assert any(p.name.startswith("checkpoint") for p in (d / "ray" / "train").iterdir())
+
+
+def test_experiment_table_and_verb():
+    from raypath.cli import build_parser
+    from raypath.experiment import ExperimentConfig, experiment_table, table_markdown
+
+    robust = {"delta": {"site_probe_balanced_accuracy": {"a": 0.9, "b": 0.6}, "kmeans_purity": {"a": 0.8, "b": 0.5}}}
+    before = {"metric": "c_index", "mean": 0.60, "worst": 0.55, "per_cohort": {"C0": 0.6, "C1": 0.55}}
+    after = {"metric": "c_index", "mean": 0.64, "worst": 0.50, "per_cohort": {"C0": 0.7, "C1": 0.50}}
+    t = experiment_table(robust, before, after).set_index("metric")
+    assert t.loc["site probe balanced accuracy", "delta"] == pytest.approx(-0.3)
+    assert t.loc["KMeans cohort purity", "better_if"] == "lower"
+    assert t.loc["LODO external c_index (worst cohort)", "delta"] == pytest.approx(-0.05)
+    assert t.loc["  c_index, held-out C0", "after"] == 0.7
+    md = table_markdown(t.reset_index())
+    assert "| site probe balanced accuracy | 0.900 | 0.600 | -0.300 | lower |" in md
+    assert "| robustness index (RI) | n/a | n/a | n/a | higher |" in md
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert {"adapt", "adapt-experiment", "augment-preview"} <= set(sub)
+    cfg = ExperimentConfig(workdir="wd", model="tiny-vit", rank=4, mil_epochs=3)
+    assert cfg.adapt_config().rank == 4 and not hasattr(cfg.adapt_config(), "mil_epochs")
