@@ -264,3 +264,34 @@ def test_cli_writes_study_and_reports_bad_options(tmp_path, capsys):
     with pytest.raises(RaypathError, match="--n-cohorts"):
         _synth_cli(["synth", "--out", str(tmp_path / "u"), "--n-cohorts", "1", "--pair-fraction", "0.5"])
     assert not (tmp_path / "t").exists() and not (tmp_path / "u").exists()
+
+
+def test_real_texture_mode_renders_real_he_inside_the_tissue_mask(tmp_path):
+    table = synthesize(SynthConfig(out=str(tmp_path), n_cohorts=1, slides_per_cohort=2, slide_px=512,
+                                   texture="real", seed=5))
+    assert (table["true_texture"] == "real").all()
+    for _, r in table.iterrows():
+        t = _thumb(tmp_path / r["uri"])
+        tissue = _tissue(t)
+        assert 0.4 * r["true_tissue_fraction"] < tissue.mean() < r["true_tissue_fraction"] + 0.15
+        # real H&E has dark haematoxylin-rich nuclei inside the tissue
+        assert (t[tissue].mean(-1) < 140).mean() > 0.05
+
+
+def test_odd_sizes_and_40x_read_identically(tmp_path):
+    """Sizes that are not multiples of the tile or of 16 still form a valid pyramid."""
+    import openslide
+    import tiffslide
+
+    table = synthesize(SynthConfig(out=str(tmp_path), n_cohorts=1, slides_per_cohort=1, slide_px=300,
+                                   slide_height_px=520, objective=[40], tile_px_stored=128))
+    path = tmp_path / table["uri"][0]
+    with tiffslide.TiffSlide(path) as ts, openslide.OpenSlide(str(path)) as os_:
+        assert ts.level_dimensions == os_.level_dimensions == ((300, 520), (75, 130), (18, 32))
+        assert float(os_.properties["openslide.objective-power"]) == 40
+        assert float(ts.properties["tiffslide.mpp-y"]) == pytest.approx(0.25)
+        for level in range(3):
+            w, h = ts.level_dimensions[level]
+            a = np.asarray(ts.read_region((0, 0), level, (w, h)).convert("RGB"))
+            b = np.asarray(os_.read_region((0, 0), level, (w, h)).convert("RGB"))
+            np.testing.assert_array_equal(a, b)
