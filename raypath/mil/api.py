@@ -157,7 +157,7 @@ def load_clinical(cfg: MilConfig, slide_ids_with_features: list[str]) -> pd.Data
 def _fingerprint(cfg: MilConfig) -> str:
     """Checkpoints are only reused by a run with the same training inputs."""
     d = cfg.to_dict()
-    for k in ("num_workers", "use_gpu", "run", "eval_every"):
+    for k in ("num_workers", "use_gpu", "run"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
