@@ -151,10 +151,14 @@ def write_bag_table(
     features: np.ndarray,
     dtype: str = "float16",
     s3: S3Options | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> str:
     """Write one slide's features atomically in the store's schema.
 
     Used by the embed stage and by tests/tools that build stores from arrays.
+    ``metadata`` goes into the parquet schema metadata (the embed stage puts
+    the slide's cache key there, so a file written just before a crash is
+    recognised even if the manifest was not updated yet).
     """
     import pyarrow as pa
 
@@ -175,6 +179,113 @@ def write_bag_table(
         ],
         schema=features_schema(dim, pa_type),
     )
+    if metadata:
+        table = table.replace_schema_metadata({str(k): str(v) for k, v in metadata.items()})
     uri = slide_file(feature_dir, slide_id)
     write_parquet_atomic(table, uri, s3)
     return uri
+
+
+# --------------------------------------------------------------------------- write side: manifest + cache keys
+
+#: parquet schema-metadata key holding the slide's cache key
+CACHE_KEY_META = "raypath.cache_key"
+MANIFEST_VERSION = 1
+
+
+def cache_key(parts: dict) -> str:
+    """sha256 of a JSON document (sorted keys): the identity of one slide's features."""
+    doc = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    import hashlib
+
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def read_manifest(feature_dir: str, s3: S3Options | None = None) -> dict:
+    """The manifest of a feature folder (``{}`` when there is none yet)."""
+    return FeatureStore(feature_dir, s3).manifest()
+
+
+def write_manifest(feature_dir: str, manifest: dict, s3: S3Options | None = None) -> str:
+    """Write ``manifest.json`` atomically (temp + rename locally, one PUT on S3)."""
+    from .storage import atomic_write_bytes
+
+    uri = join(feature_dir, MANIFEST)
+    atomic_write_bytes(uri, json.dumps(manifest, indent=1, sort_keys=True).encode(), s3)
+    return uri
+
+
+def file_cache_key(feature_dir: str, slide_id: str, s3: S3Options | None = None) -> str | None:
+    """The cache key stored in a slide file's parquet metadata (``None`` if absent/unreadable)."""
+    import pyarrow.parquet as pq
+
+    from .storage import open_file
+
+    uri = slide_file(feature_dir, slide_id)
+    try:
+        with open_file(uri, "rb", s3) as f:
+            md = pq.read_schema(f).metadata or {}
+    except (OSError, ValueError):
+        return None
+    v = md.get(CACHE_KEY_META.encode())
+    return v.decode() if v else None
+
+
+# --------------------------------------------------------------------------- interop: HDF5 (CLAM / TRIDENT)
+
+
+def export_h5(
+    feature_dir: str,
+    out_dir: str,
+    slide_ids: Iterable[str] | None = None,
+    s3: S3Options | None = None,
+) -> list[str]:
+    """Write one ``<slide_id>.h5`` per slide in the layout CLAM and TRIDENT read.
+
+    Each file holds ``features`` ``float32 [N, D]`` and ``coords`` ``int64
+    [N, 2]`` (level-0 x, y of the tile's top-left), rows in tile order, plus
+    attributes ``slide_id``, ``model_key`` and (on ``coords``) ``patch_size`` /
+    ``patch_size_level0`` / ``level`` when the tiling is known from the manifest.
+
+    Parameters
+    ----------
+    feature_dir
+        A ``features/<model_key>`` folder written by ``raypath embed``.
+    out_dir
+        Output folder (local or ``s3://``; files are built locally and uploaded).
+    slide_ids
+        Subset of slides (default: all).
+
+    Returns
+    -------
+    The URIs written.
+    """
+    import os
+    import tempfile
+
+    import h5py
+
+    from .storage import atomic_write_bytes
+
+    store = FeatureStore(feature_dir, s3)
+    manifest = store.manifest()
+    model_key = manifest.get("model_key", feature_dir.rstrip("/").rsplit("/", 1)[-1])
+    written = []
+    with tempfile.TemporaryDirectory(prefix="raypath-h5-") as tmp:
+        for bag in store.iter_bags(slide_ids):
+            local = os.path.join(tmp, f"{bag.slide_id}.h5")
+            entry = manifest.get("slides", {}).get(bag.slide_id, {})
+            with h5py.File(local, "w") as h:
+                h.create_dataset("features", data=bag.features.astype(np.float32))
+                c = h.create_dataset("coords", data=bag.coords.astype(np.int64))
+                h.attrs["slide_id"] = bag.slide_id
+                h.attrs["model_key"] = model_key
+                for k in ("patch_size", "patch_size_level0", "level", "target_mpp"):
+                    if entry.get(k) is not None:
+                        c.attrs[k] = entry[k]
+            with open(local, "rb") as f:
+                uri = join(out_dir, f"{bag.slide_id}.h5")
+                atomic_write_bytes(uri, f.read(), s3)
+            os.remove(local)
+            written.append(uri)
+    return written

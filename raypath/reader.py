@@ -200,7 +200,11 @@ class SlideReader:
             L = self._levels[lv]
             spans.append((int(L.offsets[i]), int(L.bytecounts[i])))
         if not self._remote:
-            return {k: os.pread(self._fd, n, off) if n else b"" for k, (off, n) in zip(keys, spans)}
+            out = {k: os.pread(self._fd, n, off) if n else b"" for k, (off, n) in zip(keys, spans)}
+            for k, (off, n) in zip(keys, spans):
+                if len(out[k]) != n:
+                    raise self._truncated(k, off, n, len(out[k]))
+            return out
         # object storage: merge neighbouring ranges, one batched cat_ranges call
         order = sorted(range(len(keys)), key=lambda j: spans[j][0])
         groups: list[list[int]] = []
@@ -225,7 +229,15 @@ class SlideReader:
             for k in g:
                 off, n = spans[k]
                 out[keys[k]] = bytes(blob[off - start : off - start + n])
+                if len(out[keys[k]]) != n:
+                    raise self._truncated(keys[k], off, n, len(out[keys[k]]))
         return out
+
+    def _truncated(self, key, off: int, n: int, got: int) -> RaypathError:
+        return RaypathError(
+            f"slide {self.uri!r} is truncated or corrupt: stored tile {key[1]} of level {key[0]} needs bytes "
+            f"{off}..{off + n} but only {got} could be read; re-copy the file and re-run `raypath ingest`"
+        )
 
     def _decode(self, key: tuple[int, int], data: bytes) -> np.ndarray:
         L = self._levels[key[0]]

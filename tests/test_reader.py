@@ -123,3 +123,11 @@ def test_bad_inputs_name_the_remedy(tmp_path, cmu_slide):
         list(read_tiles(str(cmu_slide), grid_tiles("x", 300, 300, level=3)))
     with pytest.raises(RaypathError, match="lacks columns"):
         list(read_tiles(str(cmu_slide), pd.DataFrame({"x": [0]})))
+
+
+def test_truncated_slide_is_an_error_not_black_tiles(tmp_path):
+    path = write_slide(tmp_path / "s.svs", 900, 700)
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(RaypathError, match="truncated"):
+        list(read_tiles(str(bad), grid_tiles("s", 900, 700)))

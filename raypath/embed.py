@@ -1,0 +1,699 @@
+"""``raypath embed``: tiles -> foundation-model features, streamed with Ray Data.
+
+Pipeline (one Ray Data dataset, streaming, memory bounded by the executor's
+budget rather than the cohort's size)::
+
+    slides with tiles (driver: one row per slide to embed)
+      -> read tasks, one per slide           (raypath.reader: each stored JPEG tile decoded once,
+                                              yields uint8 batches [n, tile_px, tile_px, 3])
+      -> actor pool (ActorPoolStrategy)     (EmbedActor: model loaded once per actor; uint8 -> device,
+                                              normalise on the device, bf16/fp16 autocast on GPU;
+                                              every forward has exactly batch_size rows, padded)
+      -> driver: group rows per slide       (a slide is complete when all its tiles arrived)
+      -> features/<model_key>/<slide_id>.parquet, written atomically, + manifest.json
+
+Why the driver writes: a slide's tiles are split across actor batches (and
+actors), so something has to see a slide whole; the driver already receives
+every row to count progress, features are small (D x 2 bytes per tile), and
+writing from one place makes "each slide exactly once" simple: a file appears
+only when complete, by an atomic rename / single PUT.
+
+Resuming: each slide's *cache key* (sha256 of the slide fingerprint, its tile
+rows, the model key, the weights/adapter sha256, preprocessing and storage
+dtype) is stored in the slide file's parquet metadata and in
+``manifest.json``.  A re-run skips slides whose file carries the same key;
+``force=True`` redoes them.  A driver killed at any point leaves complete files
+only, so the re-run embeds each remaining slide exactly once.
+
+Determinism: every forward pass runs on exactly ``batch_size`` tiles (the
+last chunk padded), so a tile's features never depend on how Ray Data
+happened to batch it with other tiles.
+
+``model_key`` = ``<registry key>-<8 hex>`` where the hex is the start of
+sha256(``weights_sha256 + "|" + (adapter_sha256 or "")``): the same model
+name with other weights or another adapter gets its own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from .config import StageConfig, add_config_arguments, config_from_args
+from .errors import RaypathError
+from .features import (
+    CACHE_KEY_META,
+    MANIFEST_VERSION,
+    cache_key,
+    file_cache_key,
+    read_manifest,
+    write_bag_table,
+    write_manifest,
+)
+from .registry import ModelSpec, get_spec
+from .storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
+
+log = logging.getLogger(__name__)
+
+#: Memory reserved per read task (decoded stored tiles of ~2 rows + a few batches).
+READ_TASK_MEMORY_BYTES = 256 * 1024 * 1024
+#: Columns of one tile row as carried from the driver to a read task (int64 each).
+_TILE_COLS = ("tile_id", "x", "y", "level", "read_px", "tile_px")
+
+
+class EmbedConfig(StageConfig):
+    """Parameters of ``raypath embed``."""
+
+    workdir: str = Field(description="project folder (local or s3://) with slides.parquet and tiles.parquet")
+    model: str = Field(description="registry key of the foundation model (phikon, uni, virchow2, ..., tiny-vit)")
+    weights: str | None = Field(
+        None,
+        description="checkpoint file (.safetensors/.bin) or Hugging Face folder; default: HF cache/hub; "
+        "'random' = random init (tests/benchmarks)",
+    )
+    adapter: str | None = Field(None, description="peft adapter folder (adapters/<run>/) merged into the model")
+    batch_size: int = Field(64, ge=1, description="tiles per forward pass")
+    num_actors: int | None = Field(None, ge=1, description="model replicas (default: one per GPU, or derived from CPUs)")
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per model replica (default: 1 if the cluster has GPUs, else 0 = CPU)"
+    )
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per model replica (CPU: also torch threads)")
+    read_threads: int = Field(1, ge=1, description="JPEG decoding threads per read task")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the features")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="autocast on GPU (auto = bf16)")
+    compile: bool = Field(False, description="torch.compile the model (GPU; pays a warm-up per actor)")
+    channels_last: bool = Field(False, description="channels-last input layout")
+    force: bool = Field(False, description="re-embed slides whose features are already up to date")
+    slide_ids: list[str] | None = Field(None, description="only these slides")
+    feature_dir: str | None = Field(None, description="output folder (default: <workdir>/features/<model_key>)")
+    progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
+    object_store_limit_mb: int | None = Field(
+        None, ge=64, description="cap on Ray Data's object-store use (small machines)"
+    )
+
+    def s3_options(self) -> S3Options:
+        return S3Options.from_env()
+
+
+@dataclass
+class EmbedResult:
+    """What a run did.  ``slides`` has one row per slide: status done/skipped/failed."""
+
+    feature_dir: str
+    model_key: str
+    slides: pd.DataFrame
+    tiles_embedded: int = 0
+    elapsed_s: float = 0.0
+    stats: str = ""
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles_embedded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    spec: ModelSpec
+    weights_sha256: str
+    adapter_sha256: str | None
+
+    @property
+    def model_key(self) -> str:
+        return make_model_key(self.spec.key, self.weights_sha256, self.adapter_sha256)
+
+
+def make_model_key(key: str, weights_sha256: str, adapter_sha256: str | None) -> str:
+    """``<registry key>-<first 8 hex of sha256(weights_sha256|adapter_sha256)>``."""
+    h = hashlib.sha256(f"{weights_sha256}|{adapter_sha256 or ''}".encode()).hexdigest()[:8]
+    return f"{key}-{h}"
+
+
+def model_identity(model: str | ModelSpec, weights: str | None, adapter: str | None) -> ModelIdentity:
+    """Hash the weights and adapter without building the model (driver side)."""
+    from .models import _parse_random, _weights_sha256, adapter_sha256, resolve_weights
+
+    spec = get_spec(model) if not isinstance(model, ModelSpec) else model
+    seed = _parse_random(weights)
+    if weights is None and spec.test_only:
+        seed = 0
+    if seed is not None:
+        w = f"random:{seed}"
+    else:
+        w = _weights_sha256(resolve_weights(spec, weights))
+    a = None
+    if adapter:
+        if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+            raise RaypathError(
+                f"adapter {adapter!r} is not a peft adapter folder (no adapter_config.json): pass the folder "
+                "written by `raypath adapt` (adapters/<run>/)"
+            )
+        a = adapter_sha256(adapter)
+    return ModelIdentity(spec, w, a)
+
+
+def tiles_hash(tiles: pd.DataFrame) -> str:
+    """sha256 of a slide's tile geometry (tile_id, x, y, level, read_px, tile_px), order-independent."""
+    t = tiles.sort_values("tile_id")
+    arr = np.stack([t[c].to_numpy(np.int64) for c in _TILE_COLS], axis=1)
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def slide_cache_key(fingerprint: str, tiles: pd.DataFrame, ident: ModelIdentity, dtype: str) -> str:
+    return cache_key(
+        {
+            "slide_fingerprint": fingerprint,
+            "tiles": tiles_hash(tiles),
+            "model_key": ident.model_key,
+            "arch": [ident.spec.family, ident.spec.arch, ident.spec.arch_kwargs],
+            "weights_sha256": ident.weights_sha256,
+            "adapter_sha256": ident.adapter_sha256,
+            "preprocessing": ident.spec.preprocessing(),
+            "dtype": dtype,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- per-item logic (no Ray)
+
+
+def encode_tiles(tiles: pd.DataFrame) -> bytes:
+    """A slide's tile rows as compact bytes (int64 x 6 per tile) for a read task."""
+    return np.ascontiguousarray(np.stack([tiles[c].to_numpy(np.int64) for c in _TILE_COLS], axis=1)).tobytes()
+
+
+def decode_tiles(blob: bytes) -> pd.DataFrame:
+    arr = np.frombuffer(blob, dtype=np.int64).reshape(-1, len(_TILE_COLS))
+    return pd.DataFrame(arr, columns=list(_TILE_COLS))
+
+
+def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size: int,
+                       num_threads: int = 1, s3: S3Options | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield uint8 tile batches of one slide as Ray Data rows; a failure becomes one error row."""
+    from .reader import read_tiles
+
+    pos = tiles.set_index("tile_id")[["x", "y"]]
+    try:
+        for tid, imgs in read_tiles(uri, tiles, s3=s3, batch_tiles=batch_size, num_threads=num_threads):
+            xy = pos.loc[tid].to_numpy(np.int64)
+            yield {
+                "slide_id": np.full(len(tid), slide_id, dtype=object),
+                "tile_id": tid,
+                "x": xy[:, 0],
+                "y": xy[:, 1],
+                "image": imgs,
+                "error": np.full(len(tid), "", dtype=object),
+            }
+    except Exception as e:  # a bad slide is recorded, never stops the run
+        px = int(tiles["tile_px"].iloc[0]) if len(tiles) else 224
+        msg = f"{type(e).__name__}: {e}"
+        log.warning("embed: slide %s failed while reading: %s", slide_id, msg)
+        yield {
+            "slide_id": np.array([slide_id], dtype=object),
+            "tile_id": np.array([-1], np.int64),
+            "x": np.array([0], np.int64),
+            "y": np.array([0], np.int64),
+            "image": np.zeros((1, px, px, 3), np.uint8),
+            "error": np.array([msg[:2000]], dtype=object),
+        }
+
+
+class TileEmbedder:
+    """Model + fixed-shape batching, usable without Ray (the actor wraps it)."""
+
+    def __init__(self, model: str, weights: str | None, adapter: str | None, batch_size: int,
+                 device: str | None = None, amp: str = "auto", compile: bool = False,
+                 channels_last: bool = False, num_threads: int | None = None, dtype: str = "float16"):
+        import torch
+
+        from .models import load_backbone
+
+        if num_threads:
+            torch.set_num_threads(max(1, int(num_threads)))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.dtype = np.float16 if dtype == "float16" else np.float32
+        self.backbone = load_backbone(model, weights=weights, adapter=adapter, device=device)
+        self.backbone.channels_last = bool(channels_last)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        on_gpu = device.startswith("cuda")
+        self.amp_dtype = None
+        if on_gpu and amp != "off":
+            self.amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+        self._forward = self.backbone
+        if compile:
+            self._forward = torch.compile(self.backbone)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[n, H, W, 3]`` -> features ``[n, D]`` (storage dtype); forward passes of exactly batch_size."""
+        import torch
+
+        n = len(images)
+        out = np.empty((n, self.backbone.spec.embed_dim), self.dtype)
+        B = self.batch_size
+        pinned = self.device.startswith("cuda")
+        for s in range(0, n, B):
+            chunk = images[s : s + B]
+            m = len(chunk)
+            if m < B:  # pad: a tile's features must not depend on its batch-mates' count
+                pad = np.zeros((B - m,) + chunk.shape[1:], np.uint8)
+                chunk = np.concatenate([chunk, pad])
+            t = torch.from_numpy(np.ascontiguousarray(chunk))
+            if pinned:
+                t = t.pin_memory()
+            with torch.inference_mode():
+                x = self.backbone.preprocess(t)
+                ctx = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
+                       else contextlib.nullcontext())
+                with ctx:
+                    f = self._forward(x)
+                out[s : s + m] = f[:m].float().cpu().numpy().astype(self.dtype)
+        return out
+
+
+class EmbedActor:
+    """Ray Data actor: one model per actor, loaded once in ``__init__``."""
+
+    def __init__(self, **kw: Any):
+        self.embedder = TileEmbedder(**kw)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        err = np.asarray(batch["error"], dtype=object)
+        ok = np.array([not e for e in err], bool)
+        dim = self.embedder.backbone.spec.embed_dim
+        emb = np.zeros((len(err), dim), self.embedder.dtype)
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            if images.dtype == object:  # tiles of different sizes in one batch: embed per size
+                groups: dict[tuple, list[int]] = {}
+                for i in idx:
+                    groups.setdefault(np.asarray(images[i]).shape, []).append(i)
+                for ids in groups.values():
+                    emb[ids] = self.embedder.embed(np.stack([np.asarray(images[i]) for i in ids]))
+            else:
+                emb[idx] = self.embedder.embed(images[idx] if not ok.all() else images)
+        return {
+            "slide_id": batch["slide_id"],
+            "tile_id": batch["tile_id"],
+            "x": batch["x"],
+            "y": batch["y"],
+            "embedding": emb,
+            "error": err,
+        }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _load_inputs(cfg: EmbedConfig, s3: S3Options) -> tuple[pd.DataFrame, pd.DataFrame]:
+    slides_uri = join(cfg.workdir, "slides.parquet")
+    tiles_uri = join(cfg.workdir, "tiles.parquet")
+    for uri, verb in ((slides_uri, "raypath ingest"), (tiles_uri, "raypath tile")):
+        if not exists(uri, s3):
+            raise RaypathError(f"{uri} not found: run `{verb}` on this workdir first")
+    slides = read_parquet(slides_uri, s3).to_pandas()
+    tiles = read_parquet(tiles_uri, s3, columns=["slide_id", *_TILE_COLS]).to_pandas()
+    if "status" in slides.columns:
+        slides = slides[slides["status"].fillna("ok") == "ok"]
+    if cfg.slide_ids:
+        unknown = sorted(set(cfg.slide_ids) - set(slides["slide_id"]))
+        if unknown:
+            raise RaypathError(
+                f"--slide-ids {unknown[:5]} are not ok slides of {slides_uri}: check the ids or re-run ingest"
+            )
+        slides = slides[slides["slide_id"].isin(cfg.slide_ids)]
+    tiles = tiles[tiles["slide_id"].isin(set(slides["slide_id"]))]
+    return slides.reset_index(drop=True), tiles
+
+
+def derive_resources(cfg: EmbedConfig) -> tuple[int, float, float]:
+    """(actors, gpus per actor, cpus per actor) from the config and ``ray.cluster_resources()``."""
+    from .ray_env import cluster_cpus, cluster_gpus
+
+    gpus = cluster_gpus()
+    per = cfg.num_gpus_per_actor
+    if per is None:
+        per = 1.0 if gpus >= 1 else 0.0
+    if per > 0 and gpus <= 0:
+        raise RaypathError(
+            f"--num-gpus-per-actor {per} but the Ray cluster has no GPUs: drop the flag (CPU fallback) "
+            "or connect to a cluster with GPUs (RAY_ADDRESS)"
+        )
+    if cfg.num_actors is not None:
+        n = cfg.num_actors
+    elif per > 0:
+        n = max(1, int(gpus // per))
+    else:  # CPU: leave about a quarter of the cores to the read tasks
+        n = max(1, int((cluster_cpus() * 0.75) // cfg.num_cpus_per_actor))
+    return n, per, cfg.num_cpus_per_actor
+
+
+class _Progress:
+    def __init__(self, total_slides: int, total_tiles: int, interval_s: float):
+        self.total_slides, self.total_tiles = total_slides, total_tiles
+        self.interval_s = interval_s
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.done = self.failed = self.tiles = 0
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.tiles / dt
+        left = self.total_tiles - self.tiles
+        eta = f"{left / rate / 60:.1f} min" if rate > 0 else "?"
+        return (f"embed: {self.done}/{self.total_slides} slides done, {self.failed} failed, "
+                f"{self.tiles}/{self.total_tiles} tiles, {rate:.0f} tiles/s, ETA {eta}")
+
+    def maybe_log(self) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            log.info(self.line())
+
+
+@contextlib.contextmanager
+def _data_context(cfg: EmbedConfig, batch_bytes: int):
+    """Ray Data settings for this run, restored afterwards (the context is process-global)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old_block = ctx.target_max_block_size
+    old_limits = ctx.execution_options.resource_limits
+    old_order = ctx.execution_options.preserve_order
+    # blocks of about 2 read batches: a read task hands tiles on early instead of buffering 128 MiB
+    ctx.target_max_block_size = max(2 * batch_bytes, 4 << 20)
+    ctx.execution_options.preserve_order = False
+    if cfg.object_store_limit_mb:
+        ctx.execution_options.resource_limits = old_limits.copy(
+            object_store_memory=cfg.object_store_limit_mb * 1024 * 1024
+        )
+    try:
+        yield ctx
+    finally:
+        ctx.target_max_block_size = old_block
+        ctx.execution_options.resource_limits = old_limits
+        ctx.execution_options.preserve_order = old_order
+
+
+def _existing(feature_dir: str, s3: S3Options) -> set[str]:
+    fs = filesystem_for(feature_dir, s3)
+    base = feature_dir if is_remote(feature_dir) else strip_protocol(feature_dir)
+    if not fs.exists(base):
+        return set()
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
+    if not is_remote(feature_dir):  # temp files of a killed run (an atomic rename never happened)
+        for n in names:
+            if ".parquet.tmp-" in n or ".json.tmp-" in n:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(base, n))
+    return {n[: -len(".parquet")] for n in names if n.endswith(".parquet")}
+
+
+def embed(cfg: EmbedConfig) -> EmbedResult:
+    """Embed every tile of ``cfg.workdir``'s slides; see the module docstring.
+
+    Returns
+    -------
+    EmbedResult with one row per slide (``status``: done / skipped / failed).
+    """
+    from .ray_env import ensure_ray
+
+    t_start = time.perf_counter()
+    s3 = cfg.s3_options()
+    # actors may run in another working directory: hand them absolute local paths
+    local = {k: os.path.abspath(v) for k in ("weights", "adapter")
+             if (v := getattr(cfg, k)) and not is_remote(v) and os.path.exists(v)}
+    if local:
+        cfg = cfg.model_copy(update=local)
+    ident = model_identity(cfg.model, cfg.weights, cfg.adapter)
+    spec = ident.spec
+    feature_dir = cfg.feature_dir or join(cfg.workdir, "features", ident.model_key)
+    slides, tiles = _load_inputs(cfg, s3)
+    by_slide = {sid: t for sid, t in tiles.groupby("slide_id", sort=False)}
+
+    manifest = read_manifest(feature_dir, s3)
+    if manifest.get("model_key") not in (None, ident.model_key):
+        log.warning("embed: %s held %s; entries of other models are dropped", feature_dir, manifest.get("model_key"))
+        manifest = {}
+    entries: dict[str, dict] = dict(manifest.get("slides", {}))
+    present = _existing(feature_dir, s3)
+
+    rows, todo = [], []
+    for r in slides.itertuples(index=False):
+        sid = r.slide_id
+        t = by_slide.get(sid)
+        if t is None or len(t) == 0:
+            rows.append({"slide_id": sid, "status": "no_tiles", "n_tiles": 0, "error": None})
+            continue
+        fp = str(getattr(r, "fingerprint", "") or "")
+        key = slide_cache_key(fp, t, ident, cfg.dtype)
+        first = t.iloc[0]
+        entry = {
+            "cache_key": key,
+            "slide_fingerprint": fp,
+            "tiles_sha256": tiles_hash(t),
+            "n_tiles": int(len(t)),
+            "patch_size": int(first["tile_px"]),
+            "patch_size_level0": None,
+            "level": int(first["level"]),
+        }
+        up_to_date = False
+        if not cfg.force and sid in present:
+            if entries.get(sid, {}).get("cache_key") == key:
+                up_to_date = True
+            elif file_cache_key(feature_dir, sid, s3) == key:  # written before a crash, manifest not yet
+                up_to_date = True
+                entries[sid] = entry
+        if up_to_date:
+            rows.append({"slide_id": sid, "status": "skipped", "n_tiles": int(len(t)), "error": None})
+        else:
+            todo.append((sid, str(r.uri), t, entry))
+
+    base_manifest = {
+        "version": MANIFEST_VERSION,
+        "model_key": ident.model_key,
+        "model": spec.key,
+        "family": spec.family,
+        "arch": spec.arch,
+        "embed_dim": spec.embed_dim,
+        "dtype": cfg.dtype,
+        "weights": cfg.weights if cfg.weights else (spec.hf_repo or "random:0"),
+        "weights_sha256": ident.weights_sha256,
+        "adapter": cfg.adapter,
+        "adapter_sha256": ident.adapter_sha256,
+        "preprocessing": spec.preprocessing(),
+        "resize": "PIL bilinear read_px -> tile_px (reader), then bilinear+antialias tile_px -> img_size (device)",
+        "schema": "slide_id string, tile_id int64, x int64, y int64, embedding fixed_size_list<"
+        + cfg.dtype + ">[" + str(spec.embed_dim) + "]",
+    }
+
+    def flush() -> None:
+        doc = dict(base_manifest, slides=dict(sorted(entries.items())), failed=dict(sorted(failed.items())))
+        write_manifest(feature_dir, doc, s3)
+
+    failed: dict[str, str] = {}
+    n_todo_tiles = sum(len(t) for _, _, t, _ in todo)
+    log.info(
+        "embed: model %s -> %s; %d slides to embed (%d tiles), %d up to date",
+        spec.key, feature_dir, len(todo), n_todo_tiles, sum(r["status"] == "skipped" for r in rows),
+    )
+    cfg.save(feature_dir)
+    tiles_done = 0
+    stats = ""
+    if todo:
+        ensure_ray()
+        import ray.data
+
+        n_actors, gpus, cpus = derive_resources(cfg)
+        tile_px = int(max(int(t["tile_px"].max()) for _, _, t, _ in todo))
+        batch_bytes = cfg.batch_size * tile_px * tile_px * 3
+        items = [{"slide_id": sid, "uri": uri, "tiles": encode_tiles(t.sort_values("tile_id"))}
+                 for sid, uri, t, _ in todo]
+        expected = {sid: len(t) for sid, _, t, _ in todo}
+        entry_of = {sid: e for sid, _, _, e in todo}
+        batch_size, threads = cfg.batch_size, cfg.read_threads
+
+        def read_fn(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+            for sid, uri, blob in zip(batch["slide_id"], batch["uri"], batch["tiles"]):
+                yield from read_slide_batches(str(sid), str(uri), decode_tiles(bytes(blob)), batch_size,
+                                              threads, S3Options.from_env())
+
+        actor_kw = dict(model=spec.key, weights=cfg.weights, adapter=cfg.adapter, batch_size=cfg.batch_size,
+                        device="cuda" if gpus > 0 else "cpu", amp=cfg.amp, compile=cfg.compile,
+                        channels_last=cfg.channels_last, num_threads=None if gpus > 0 else int(cpus),
+                        dtype=cfg.dtype)
+        log.info("embed: %d actor(s) x (%g GPU, %g CPU), batch %d, %s",
+                 n_actors, gpus, cpus, cfg.batch_size, "GPU" if gpus > 0 else "CPU")
+        progress = _Progress(len(todo), n_todo_tiles, cfg.progress_interval_s)
+        acc: dict[str, list[dict[str, np.ndarray]]] = {}
+        seen: dict[str, set] = {}
+        writer = ThreadPoolExecutor(2, thread_name_prefix="raypath-write")
+        pending: list[tuple[str, Future]] = []
+        last_flush = time.perf_counter()
+
+        def reap(block: bool = False) -> None:
+            nonlocal last_flush
+            keep = []
+            for sid, fut in pending:
+                if block or fut.done():
+                    try:
+                        fut.result()
+                        entries[sid] = entry_of[sid]
+                        progress.done += 1
+                    except Exception as e:  # storage errors: recorded, the slide is retried next run
+                        failed[sid] = f"write failed: {type(e).__name__}: {e}"
+                        progress.failed += 1
+                else:
+                    keep.append((sid, fut))
+            pending[:] = keep
+            if block or time.perf_counter() - last_flush > 5.0:
+                flush()
+                last_flush = time.perf_counter()
+
+        with _data_context(cfg, batch_bytes):
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            # The memory request differs from the actors' resources on purpose: operators with equal
+            # resources are fused, and reading must run in its own tasks, overlapping the forward
+            # passes.  A retried read may re-send tiles; the driver de-duplicates by tile_id.
+            ds = ds.map_batches(read_fn, batch_size=1, batch_format="numpy", num_cpus=1,
+                                memory=READ_TASK_MEMORY_BYTES)
+            ds = ds.map_batches(
+                EmbedActor,
+                fn_constructor_kwargs=actor_kw,
+                compute=ray.data.ActorPoolStrategy(size=n_actors),
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                num_gpus=gpus,
+                num_cpus=cpus,
+            )
+            try:
+                for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                    sids = np.asarray(out["slide_id"], dtype=object)
+                    errs = np.asarray(out["error"], dtype=object)
+                    for sid in pd.unique(sids):
+                        m = sids == sid
+                        if sid in failed or sid not in expected:
+                            continue
+                        bad = [e for e in errs[m] if e]
+                        if bad:
+                            failed[sid] = str(bad[0])
+                            acc.pop(sid, None)
+                            progress.failed += 1
+                            log.warning("embed: slide %s failed: %s", sid, bad[0])
+                            continue
+                        part = {k: np.asarray(out[k])[m] for k in ("tile_id", "x", "y", "embedding")}
+                        acc.setdefault(sid, []).append(part)
+                        got = seen.setdefault(sid, set())
+                        before = len(got)
+                        got.update(part["tile_id"].tolist())
+                        progress.tiles += len(got) - before
+                        if len(got) >= expected[sid]:
+                            parts = acc.pop(sid)
+                            seen.pop(sid)
+                            tid_all = np.concatenate([p["tile_id"] for p in parts])
+                            tid, first = np.unique(tid_all, return_index=True)  # sorted, de-duplicated
+                            xy = np.stack([np.concatenate([p["x"] for p in parts]),
+                                           np.concatenate([p["y"] for p in parts])], axis=1)[first]
+                            feats = np.concatenate([p["embedding"] for p in parts])[first]
+                            tiles_done += len(tid)
+                            pending.append((sid, writer.submit(
+                                write_bag_table, feature_dir, sid, tid, xy, feats, cfg.dtype, s3,
+                                {CACHE_KEY_META: entry_of[sid]["cache_key"], "model_key": ident.model_key},
+                            )))
+                    reap()
+                    progress.maybe_log()
+            except Exception as e:
+                reap(block=True)
+                writer.shutdown(wait=True)
+                raise RaypathError(
+                    f"embedding failed after {progress.done} slides ({type(e).__name__}: {e}); finished slides "
+                    "are kept: fix the cause and re-run the same command to resume"
+                ) from e
+            reap(block=True)
+            writer.shutdown(wait=True)
+            with contextlib.suppress(Exception):
+                stats = ds.stats()
+        for sid in expected:
+            if sid not in entries and sid not in failed:
+                failed[sid] = f"incomplete: {len(seen.get(sid, ()))}/{expected[sid]} tiles came back"
+        log.info(progress.line())
+        for sid, _, t, _ in todo:
+            if sid in failed:
+                rows.append({"slide_id": sid, "status": "failed", "n_tiles": int(len(t)), "error": failed[sid]})
+            else:
+                rows.append({"slide_id": sid, "status": "done", "n_tiles": int(len(t)), "error": None})
+    else:
+        flush()
+    elapsed = time.perf_counter() - t_start
+    res = EmbedResult(feature_dir, ident.model_key, pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "error"]),
+                      tiles_embedded=tiles_done, elapsed_s=elapsed, stats=stats)
+    return res
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def summarize(res: EmbedResult) -> str:
+    c = res.slides["status"].value_counts().to_dict()
+    lines = [
+        f"features: {res.feature_dir}",
+        f"model_key: {res.model_key}",
+        "slides: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())),
+        f"tiles embedded: {res.tiles_embedded} in {res.elapsed_s:.1f} s ({res.tiles_per_s:.0f} tiles/s overall)",
+    ]
+    for r in res.slides[res.slides["status"] == "failed"].itertuples(index=False):
+        lines.append(f"  failed {r.slide_id}: {r.error}")
+    return "\n".join(lines)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "embed",
+        help="embed tiles with a foundation model (Ray Data actor pool) -> features/<model_key>/",
+        description="Read tiles.parquet's tiles from the slides, embed them with a registered foundation model "
+        "on GPU/CPU actors, and write one parquet file per slide plus manifest.json. Re-runs skip "
+        "slides whose cache key matches; --force redoes them.",
+    )
+    add_config_arguments(p, EmbedConfig)
+
+    def run(args: argparse.Namespace) -> int:
+        cfg = config_from_args(EmbedConfig, args)
+        res = embed(cfg)
+        print(summarize(res))
+        return 1 if (res.slides["status"] == "failed").any() else 0
+
+    p.set_defaults(func=run)
+
+    h = subparsers.add_parser(
+        "export-h5",
+        help="export a feature folder to one .h5 per slide (CLAM/TRIDENT layout: features, coords)",
+    )
+    h.add_argument("feature_dir", help="features/<model_key> folder written by `raypath embed`")
+    h.add_argument("out_dir", help="output folder for <slide_id>.h5 files")
+    h.add_argument("--slide-ids", nargs="+", default=None, help="only these slides")
+
+    def run_h5(args: argparse.Namespace) -> int:
+        from .features import export_h5
+
+        paths = export_h5(args.feature_dir, args.out_dir, args.slide_ids)
+        print(f"wrote {len(paths)} .h5 files to {args.out_dir}")
+        return 0
+
+    h.set_defaults(func=run_h5)
