@@ -173,11 +173,30 @@ def _flatten(d: Any, prefix: str = "", out: dict | None = None, max_list: int = 
     return out
 
 
-def _scalar_table(d: dict, skip_prefixes: tuple[str, ...] = ()) -> str:
-    flat = _flatten(d)
+def _scalar_table(d: dict, skip_prefixes: tuple[str, ...] = (), max_rows: int = 300) -> str:
+    flat = [(k, v) for k, v in _flatten(d).items() if not k.startswith(skip_prefixes)]
     rows = [f"<tr><th>{_e(k)}</th><td class='num'>{_fmt(v) if not isinstance(v, str) else _e(v)}</td></tr>"
-            for k, v in flat.items() if not k.startswith(skip_prefixes)]
-    return "<table>" + "".join(rows) + "</table>" if rows else "<p class='muted'>(no scalar values)</p>"
+            for k, v in flat[:max_rows]]
+    if len(flat) > max_rows:
+        rows.append(f"<tr><td colspan=2 class='muted'>{len(flat) - max_rows} more values in the raw JSON below</td></tr>")
+    out = "<table>" + "".join(rows) + "</table>" if rows else ""
+    # lists of records (e.g. per-fold metrics) as tables with one column per field
+    for key, val in (d.items() if isinstance(d, dict) else []):
+        if isinstance(val, list) and val and all(isinstance(r, dict) for r in val):
+            out += f"<h3>{_e(key)}</h3>" + _records_table(val, max_rows)
+    return out or "<p class='muted'>(no scalar values)</p>"
+
+
+def _records_table(records: list[dict], max_rows: int = 300) -> str:
+    flat = [_flatten(r) for r in records]
+    cols = list(dict.fromkeys(k for r in flat for k in r))
+    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"
+    body = ["<tr>" + "".join(
+        f"<td class='num'>{_fmt(r.get(c)) if not isinstance(r.get(c), str) else _e(r.get(c))}</td>" for c in cols)
+        + "</tr>" for r in flat[:max_rows]]
+    more = (f"<tr><td colspan={len(cols)} class='muted'>{len(flat) - max_rows} more rows in the raw JSON</td></tr>"
+            if len(flat) > max_rows else "")
+    return "<table>" + head + "".join(body) + more + "</table>"
 
 
 def _details(summary: str, text: str) -> str:

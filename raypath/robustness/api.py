@@ -386,9 +386,15 @@ def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
         return "no cluster large enough"
     wanted = sorted({int(rows[i]) for s in selection for band in s["bands"].values() for i in band})
     tiles = read_parquet(tiles_uri, s3).to_pandas()
-    want = meta.iloc[wanted][["slide_id", "tile_id", "uri", cfg.centre_column]].assign(row=wanted)
-    want = want.merge(tiles.drop(columns=[c for c in ("x", "y") if c not in tiles.columns], errors="ignore"),
-                      on=["slide_id", "tile_id"], how="left")
+    want = pd.DataFrame({
+        "slide_id": meta["slide_id"].astype(str).to_numpy()[wanted],
+        "tile_id": meta["tile_id"].to_numpy()[wanted],
+        "uri": meta["uri"].astype(str).to_numpy()[wanted],
+        "centre": meta[cfg.centre_column].astype(str).to_numpy()[wanted],
+        "row": wanted,
+    })
+    read_cols = ["slide_id", "tile_id", "x", "y", "level", "read_px", "tile_px"]
+    want = want.merge(tiles[read_cols].astype({"slide_id": str}), on=["slide_id", "tile_id"], how="left")
     images: dict[int, np.ndarray] = {}
     errors = []
     for (sid, uri), grp in want.groupby(["slide_id", "uri"]):
@@ -396,18 +402,19 @@ def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
             errors.append(f"{sid}: tiles not in tiles.parquet")
             continue
         try:
-            by_tile = P.read_tile_images(str(uri), grp.astype({"level": int, "read_px": int, "tile_px": int}), s3)
+            by_tile = P.read_tile_images(
+                uri, grp[read_cols[1:]].astype({"level": int, "read_px": int, "tile_px": int}), s3)
         except Exception as e:  # unreadable slide: the gallery shows n/a
             errors.append(f"{sid}: {e}")
             continue
-        for r in grp.itertuples(index=False):
-            if int(r.tile_id) in by_tile:
-                images[int(r.row)] = by_tile[int(r.tile_id)]
+        for t, row in zip(grp["tile_id"].tolist(), grp["row"].tolist()):
+            if int(t) in by_tile:
+                images[int(row)] = by_tile[int(t)]
     if not images:
         return "no tile could be read back: " + "; ".join(errors[:3])
     # map selection from sample-row indices (within km rows) to meta rows
     sel_meta = [{**s, "bands": {b: [int(rows[i]) for i in v] for b, v in s["bands"].items()}} for s in selection]
-    labels = {int(r.row): f"{getattr(r, cfg.centre_column)}" for r in want.itertuples(index=False)}
+    labels = dict(zip(want["row"].astype(int).tolist(), want["centre"].tolist()))
     atomic_write_bytes(join(out_dir, "gallery.png"), P.gallery(
         sel_meta, images, labels, f"Tiles near / medium / far from KMeans centres{title}"), s3)
     res["kmeans_purity"]["gallery"] = [
