@@ -465,13 +465,18 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         fp = str(getattr(r, "fingerprint", "") or "")
         key = slide_cache_key(fp, t, ident, cfg.dtype)
         first = t.iloc[0]
+        ds = 1.0
+        lds = getattr(r, "level_downsamples", None)
+        if lds is not None and len(lds) > int(first["level"]):
+            ds = float(lds[int(first["level"])])
         entry = {
             "cache_key": key,
             "slide_fingerprint": fp,
             "tiles_sha256": tiles_hash(t),
             "n_tiles": int(len(t)),
             "patch_size": int(first["tile_px"]),
-            "patch_size_level0": None,
+            "patch_size_level0": int(round(int(first["read_px"]) * ds)),
+            "read_px": int(first["read_px"]),
             "level": int(first["level"]),
         }
         up_to_date = False
