@@ -448,6 +448,23 @@ def _render_one(args: tuple) -> dict[str, Any]:
     return {"slide_id": row["slide_id"], "bytes": info["bytes"], "render_s": time.perf_counter() - t0}
 
 
+def _check_bucket(uri: str) -> None:
+    """Fail before rendering when the output bucket cannot be reached."""
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    try:
+        ok = filesystem_for(uri).exists(bucket)
+    except Exception as e:  # endpoint down, bad credentials, ...
+        raise RaypathError(
+            f"cannot reach the output bucket of --out {uri!r} ({type(e).__name__}: {e}); check "
+            "AWS_ENDPOINT_URL / credentials, or write to a local folder"
+        ) from None
+    if not ok:
+        raise RaypathError(
+            f"output bucket {bucket!r} of --out {uri!r} does not exist: create it first "
+            "(or publish a local folder with `raypath s3 serve`) or choose another --out"
+        )
+
+
 def synthesize(cfg: SynthConfig) -> pd.DataFrame:
     """Generate the study: slides, ``cohort.csv``, ``sites.json``, ``synth_config.yaml``.
 
@@ -465,6 +482,8 @@ def synthesize(cfg: SynthConfig) -> pd.DataFrame:
     plan = plan_study(cfg)
     sites = make_sites(cfg)
     remote = is_remote(cfg.out)
+    if remote:
+        _check_bucket(cfg.out)
     local_root = tempfile.mkdtemp(prefix="raypath-synth-") if remote else cfg.out
     try:
         os.makedirs(os.path.join(local_root, "slides"), exist_ok=True)

@@ -237,6 +237,8 @@ def test_write_to_embedded_s3(s3_server):
         data = f.read()
     with tiffslide.TiffSlide(io.BytesIO(data)) as s:
         assert s.dimensions == (256, 256)
+    with pytest.raises(RaypathError, match="does not exist"):
+        synthesize(SynthConfig(out="s3://no-such-bucket-here/x", n_cohorts=1, slides_per_cohort=1, slide_px=256))
 
 
 def _synth_cli(argv: list[str]) -> int:
