@@ -20,6 +20,7 @@ def _fig_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
