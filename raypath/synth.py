@@ -109,6 +109,9 @@ class SynthConfig(StageConfig):
     censoring: float = Field(0.3, ge=0, lt=1, description="target fraction of censored patients")
     site_strength: float = Field(1.0, ge=0, le=3, description="scale of site effects (0 = identical sites)")
     workers: int = Field(1, ge=1, description="processes rendering slides in parallel")
+    reuse: bool = Field(
+        False, description="skip rendering when --out already holds a complete study made with the same options"
+    )
 
     @field_validator("objective")
     @classmethod
@@ -448,6 +451,39 @@ def _render_one(args: tuple) -> dict[str, Any]:
     return {"slide_id": row["slide_id"], "bytes": info["bytes"], "render_s": time.perf_counter() - t0}
 
 
+#: Options that do not change the files written.
+_NOT_IN_OUTPUT = ("workers", "reuse")
+
+
+def _reusable_study(cfg: SynthConfig) -> pd.DataFrame | None:
+    """The cohort table of ``cfg.out`` if ``cfg.reuse`` and it was written by
+    the same raypath version with the same options and every slide exists."""
+    if not cfg.reuse:
+        return None
+    import yaml
+
+    from . import __version__
+    from .storage import exists, open_file
+
+    cfg_uri, table_uri = join(cfg.out, "synth_config.yaml"), join(cfg.out, "cohort.csv")
+    try:
+        if not (exists(cfg_uri) and exists(table_uri)):
+            return None
+        with open_file(cfg_uri, "rb") as f:
+            doc = yaml.safe_load(f) or {}
+        old = {k: v for k, v in (doc.get("config") or {}).items() if k not in _NOT_IN_OUTPUT}
+        new = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_OUTPUT}
+        if doc.get("raypath_version") != __version__ or old != new:
+            return None
+        with open_file(table_uri, "rb") as f:
+            table = pd.read_csv(f)
+        if not all(exists(join(cfg.out, u)) for u in table["uri"]):
+            return None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return table
+
+
 def _check_bucket(uri: str) -> None:
     """Fail before rendering when the output bucket cannot be reached."""
     bucket = uri.split("://", 1)[1].split("/", 1)[0]
@@ -479,6 +515,10 @@ def synthesize(cfg: SynthConfig) -> pd.DataFrame:
     The cohort table as written to ``cohort.csv`` (``uri`` relative to ``cfg.out``).
     """
     t0 = time.perf_counter()
+    existing = _reusable_study(cfg)
+    if existing is not None:
+        log.info("synth: reusing the complete study in %s (same options)", cfg.out)
+        return existing
     plan = plan_study(cfg)
     sites = make_sites(cfg)
     remote = is_remote(cfg.out)

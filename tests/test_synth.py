@@ -111,6 +111,13 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         assert _sha(tmp_path / "a" / uri) == _sha(tmp_path / "b" / uri)
         assert _sha(tmp_path / "a" / uri) != _sha(tmp_path / "c" / uri)
     assert (tmp_path / "a" / "sites.json").read_text() == (tmp_path / "b" / "sites.json").read_text()
+    # reuse: an identical request returns the existing study without rewriting it
+    first = (tmp_path / "a" / a["uri"][0]).stat().st_mtime_ns
+    again = synthesize(SynthConfig(out=str(tmp_path / "a"), seed=7, reuse=True, workers=2, **kw))
+    assert (tmp_path / "a" / a["uri"][0]).stat().st_mtime_ns == first
+    assert list(again["slide_id"]) == list(a["slide_id"])
+    changed = synthesize(SynthConfig(out=str(tmp_path / "a"), seed=8, reuse=True, **kw))
+    assert _sha(tmp_path / "a" / changed["uri"][0]) == _sha(tmp_path / "c" / changed["uri"][0])
 
 
 def test_survival_sanity_and_risk_ordering(tmp_path):
