@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 #: Long side of the saved QC image (the thumbnail is scaled to it).
 QC_MAX_PX = 1400
 OUTLINE_RGB = (0, 200, 0)
-TILE_RGBA = (255, 200, 0, 200)
+TILE_RGBA = (255, 170, 0, 255)
 TITLE_BG = (30, 30, 30)
 
 

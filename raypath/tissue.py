@@ -37,10 +37,12 @@ class TissueParams:
         (p99 - p1) exceeds this; a blank slide's noise has no contrast.
     min_area_um2, max_hole_um2
         Objects smaller than ``min_area_um2`` are dropped and holes smaller
-        than ``max_hole_um2`` filled.  Used when the thumbnail's mpp is known;
-        otherwise the ``*_fraction`` fallbacks (of the thumbnail area) apply.
-    exclude_pen
-        Remove blue, green and black marker ink.
+        than ``max_hole_um2`` filled, capped at ``*_fraction`` of the slide
+        area (so small slides keep their small pieces).  Without a known mpp
+        only the fractions apply.
+    exclude_pen, min_pen_area_um2
+        Remove blue, green and black marker ink; ink patches smaller than
+        ``min_pen_area_um2`` are ignored (dense nuclei can look like ink).
     """
 
     median_px: int = 5
@@ -53,6 +55,7 @@ class TissueParams:
     max_hole_fraction: float = 0.0005
     closing_px: int = 2
     exclude_pen: bool = True
+    min_pen_area_um2: float = 5_000.0
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -72,18 +75,28 @@ def rgb_to_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sat.astype(np.float32), mx
 
 
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel optical density ``-log10(I / 255)`` of a uint8 RGB image."""
+    return -np.log10((rgb.astype(np.float32) + 1.0) / 256.0)
+
+
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """Pixels of blue, green or black marker ink.
 
-    H&E stains are pink (R max) to purple (B max but R > G); blue ink has
-    B max with G above R, green ink has G max, black ink is dark in all channels.
+    Decided in optical density, where stains are fixed directions:
+    haematoxylin absorbs red and green about equally (OD_R/OD_G ~ 0.7-0.9),
+    eosin absorbs mostly green.  Blue ink absorbs red more than green
+    (OD_R/OD_G >= 1) and little blue; green ink absorbs red and blue but little
+    green; black ink absorbs every channel strongly and evenly.  Stray hits
+    inside tissue become small holes that hole filling closes again.
     """
-    f = rgb.astype(np.int16)
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    sat, val = rgb_to_saturation_value(rgb)
-    blue = (b > r + 30) & (g > r + 5) & (b > g + 10) & (sat > 0.3)
-    green = (g > r + 15) & (g >= b) & (sat > 0.2)
-    black = val < 0.2
+    od = optical_density(rgb[..., :3])
+    r, g, b = od[..., 0], od[..., 1], od[..., 2]
+    odmax = od.max(axis=-1)
+    odmin = od.min(axis=-1)
+    blue = (odmax > 0.5) & (r >= 1.0 * g) & (r > 2.0 * b)
+    green = (odmax > 0.4) & (g < 0.6 * np.minimum(r, b))
+    black = (odmin > 0.6) & (odmin > 0.7 * odmax)
     return blue | green | black
 
 
@@ -138,22 +151,31 @@ def tissue_mask(rgb: np.ndarray, thumb_mpp: float | None = None, params: TissueP
         t_grey = min(_otsu(grey[candidates]), p.max_grey)
         tissue |= grey < t_grey
     tissue &= ~padding
-    if p.exclude_pen:
-        pen = ndi.binary_dilation(pen_mask(rgb), structure=_disk(2))
-        tissue &= ~pen
 
     if p.closing_px > 0:
         tissue = ndi.binary_closing(tissue, structure=_disk(p.closing_px), border_value=0)
     n_px = tissue.size
+    frac_obj = p.min_area_fraction * n_px
+    frac_hole = p.max_hole_fraction * n_px
     if thumb_mpp and thumb_mpp > 0:
+        # physical sizes, but never more than a fraction of the slide: a tiny
+        # test slide (0.5 mm) must not lose all its tissue to a 0.02 mm^2 rule
         px_area_um2 = thumb_mpp * thumb_mpp
-        min_obj = max(int(p.min_area_um2 / px_area_um2), 1)
-        max_hole = max(int(p.max_hole_um2 / px_area_um2), 1)
+        min_obj = min(p.min_area_um2 / px_area_um2, frac_obj)
+        max_hole = min(p.max_hole_um2 / px_area_um2, frac_hole)
+        min_pen = min(p.min_pen_area_um2 / px_area_um2, frac_obj)
     else:
-        min_obj = max(int(p.min_area_fraction * n_px), 1)
-        max_hole = max(int(p.max_hole_fraction * n_px), 1)
+        min_obj, max_hole, min_pen = frac_obj, frac_hole, frac_obj
+    min_obj, max_hole, min_pen = (max(int(v), 1) for v in (min_obj, max_hole, min_pen))
     # holes = background components not touching the border
     tissue = tissue | _small_components(~tissue, max_hole, keep_border=False)
+    if p.exclude_pen:
+        # Removed after hole filling: the blurred rim of a stroke looks like
+        # tissue and would otherwise enclose the stroke as a "hole".  Tiny ink
+        # hits (dense nuclei that look bluish) are ignored.
+        pen = pen_mask(rgb)
+        pen &= ~_small_components(pen, min_pen)
+        tissue &= ~ndi.binary_dilation(pen, structure=_disk(3))
     tissue = tissue & ~_small_components(tissue, min_obj)
     return tissue.astype(bool)
 
