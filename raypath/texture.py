@@ -42,6 +42,11 @@ HE_OD_REFERENCE = np.array(
 )
 HE_OD_REFERENCE /= np.linalg.norm(HE_OD_REFERENCE, axis=1, keepdims=True)
 
+#: Unit OD vector orthogonal to H and E: what colour deconvolution of a real
+#: image leaves over (kept fixed, so re-rendering the real image is faithful).
+REAL_RESIDUAL_OD = np.cross(HE_OD_REFERENCE[0], HE_OD_REFERENCE[1])
+REAL_RESIDUAL_OD /= np.linalg.norm(REAL_RESIDUAL_OD)
+
 #: Pixel size assumed for the real H&E image (it ships without one; its nuclei
 #: and cells measure like a 40x scan).
 REAL_SOURCE_MPP = 0.25
@@ -101,31 +106,33 @@ def beer_lambert_rgb(
     Parameters
     ----------
     conc
-        (3, h, w) float32: haematoxylin, eosin and pen-ink concentrations
-        (optical density along the unit stain vector, natural log units).
+        (C, h, w) float32 concentrations (optical density along each unit
+        vector, natural-log units): haematoxylin, eosin, then optionally pen
+        ink and, for real texture, the residual of the colour deconvolution.
     stain
-        The site's appearance.
+        The site's appearance (applies to H and E only).
     pen_od
-        (3,) optical density of the pen ink; ignored when ``conc[2]`` is 0.
+        (3,) optical density of the pen ink (channel 2); ignored if ``None``.
 
     Returns
     -------
     (h, w, 3) uint8 RGB.
     """
-    _, h, w = conc.shape
-    vec = np.asarray(stain.stain_od, np.float32) * np.asarray(stain.conc_scale, np.float32)[:, None]
-    if pen_od is not None:
-        vec = np.concatenate([vec, np.asarray(pen_od, np.float32)[None, :]], axis=0)
-        c = conc.reshape(3, -1)
-    else:
-        c = conc[:2].reshape(2, -1)
+    n, h, w = conc.shape
+    vec = np.zeros((n, 3), np.float32)
+    vec[:2] = np.asarray(stain.stain_od, np.float32) * np.asarray(stain.conc_scale, np.float32)[:, None]
+    if n > 2 and pen_od is not None:
+        vec[2] = pen_od
+    if n > 3:
+        vec[3] = REAL_RESIDUAL_OD
+    live = [i for i in range(n) if vec[i].any()]
     # (exp(-od))**gamma == exp(-gamma * od): the tone curve costs nothing here
-    vec = vec * np.float32(stain.gamma)
-    od = vec.T @ c  # (3, h*w)
+    od = (vec[live] * np.float32(stain.gamma)).T @ conc[live].reshape(len(live), -1)  # (3, h*w)
     np.negative(od, out=od)
     np.exp(od, out=od)
     od *= (255.0 * np.asarray(stain.white_rgb, np.float32))[:, None]
     od += 0.5
+    np.minimum(od, 255.0, out=od)  # a negative residual may brighten past white
     return od.astype(np.uint8).reshape(3, h, w).transpose(1, 2, 0)
 
 
@@ -533,17 +540,15 @@ def _add_pen(lay: TissueLayout, rng: np.random.Generator) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _real_concentrations() -> np.ndarray:
-    """(2, H, W) float32 H and E concentrations of the shipped real H&E image."""
+    """(3, H, W) float32 H, E and residual concentrations of the shipped real H&E image."""
     from PIL import Image
 
     with resources.files("raypath.data").joinpath("he_target_1000.png").open("rb") as f:
         rgb = np.asarray(Image.open(f).convert("RGB"), np.float32)
     od = -np.log(np.clip(rgb, 1.0, 255.0) / 255.0)
-    h, e = HE_OD_REFERENCE
-    res = np.cross(h, e)
-    m = np.stack([h, e, res / np.linalg.norm(res)])
-    conc = od.reshape(-1, 3) @ np.linalg.inv(m)
-    conc = np.clip(conc[:, :2], 0.0, 3.0).T.reshape(2, *rgb.shape[:2])
+    m = np.stack([HE_OD_REFERENCE[0], HE_OD_REFERENCE[1], REAL_RESIDUAL_OD])
+    conc = (od.reshape(-1, 3) @ np.linalg.inv(m)).T.reshape(3, *rgb.shape[:2])
+    conc[:2] = np.clip(conc[:2], 0.0, 3.0)
     return np.ascontiguousarray(conc, np.float32)
 
 
@@ -566,12 +571,13 @@ def render_rows(lay: TissueLayout, mpp: float, y0: int, y1: int, width_px: int) 
 
     Returns
     -------
-    (3, y1 - y0, width_px) float32: haematoxylin, eosin, pen ink.
+    (C, y1 - y0, width_px) float32: haematoxylin, eosin, pen ink, and for real
+    texture the deconvolution residual (C = 4).
     """
     h = y1 - y0
     y_um = (np.arange(y0, y1, dtype=np.float32) + 0.5) * mpp
     x_um = (np.arange(width_px, dtype=np.float32) + 0.5) * mpp
-    conc = np.zeros((3, h, width_px), np.float32)
+    conc = np.zeros((4 if lay.texture == "real" else 3, h, width_px), np.float32)
     tissue = lay.tissue_mask(y_um, x_um)
     if lay.texture == "synthetic":
         _render_synthetic(lay, mpp, y0, y_um, x_um, tissue, conc)
@@ -648,8 +654,9 @@ def _render_real(lay, y_um, x_um, tissue, conc) -> None:
     j0 = sx.astype(np.int64)
     fy = (sy - i0).astype(np.float32)
     fx = (sx - j0).astype(np.float32)
-    for c, gain in ((0, lay.h_gain), (1, 1.0)):
-        s = src[c]
+    # source channels H, E, residual -> output channels H, E, (pen), residual
+    for c_src, c, gain in ((0, 0, lay.h_gain), (1, 1, 1.0), (2, 3, 1.0)):
+        s = src[c_src]
         val = (
             (s[i0, j0] * (1 - fx) + s[i0, j0 + 1] * fx) * (1 - fy)
             + (s[i0 + 1, j0] * (1 - fx) + s[i0 + 1, j0 + 1] * fx) * fy
