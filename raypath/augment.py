@@ -355,8 +355,11 @@ def gaussian_blur(x: torch.Tensor, p: float, sigma: Range, gen: torch.Generator,
 
 
 def jpeg_roundtrip(x: torch.Tensor, p: float, quality: Range, gen: torch.Generator) -> torch.Tensor:
-    """Scanner/storage compression: encode and decode with a random quality
-    (CPU codec; images travel to the CPU and back only when selected)."""
+    """Scanner/storage compression: encode and decode with a random quality.
+
+    On CUDA tensors the GPU codec (nvJPEG) is used, one call per distinct
+    quality; elsewhere, or if the GPU codec is unavailable, the CPU codec.
+    """
     from torchvision.io import decode_jpeg, encode_jpeg
 
     b = x.shape[0]
@@ -365,8 +368,21 @@ def jpeg_roundtrip(x: torch.Tensor, p: float, quality: Range, gen: torch.Generat
     if not bool(on.any()):
         return x
     idx = torch.nonzero(on).flatten().tolist()
-    sel = (x[idx].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    sel = (x[idx].clamp(0, 1) * 255).round().to(torch.uint8)
     out = x.clone()
+    if x.is_cuda:
+        try:
+            for qual in sorted({int(q[i]) for i in idx}):
+                js = [j for j, i in enumerate(idx) if int(q[i]) == qual]
+                enc = encode_jpeg([sel[j].contiguous() for j in js], quality=qual)
+                # encoded bytes are small: the GPU decoder wants them on the host
+                dec = decode_jpeg([e.cpu() for e in enc], device=x.device)
+                for j, d in zip(js, dec):
+                    out[idx[j]] = d.to(x.dtype) / 255.0
+            return out
+        except (RuntimeError, TypeError, ValueError):  # no nvJPEG in this build: CPU codec below
+            out = x.clone()
+    sel = sel.cpu()
     for j, i in enumerate(idx):
         dec = decode_jpeg(encode_jpeg(sel[j], quality=int(q[i])))
         out[i] = dec.to(x.device, x.dtype) / 255.0
