@@ -1,0 +1,322 @@
+"""``run_sweep``: a Ray Tune + Optuna search with a nested-LODO objective.
+
+The driver (this module) reads the sweep file, computes the nested-LODO plan
+once, derives per-trial resources from ``ray.cluster_resources()``, and runs
+a ``Tuner`` whose trials are :func:`raypath.sweep.objective.trial_function`.
+Search: ``OptunaSearch`` (TPE; several objectives = multi-objective TPE) with
+its study in an Optuna storage (SQLite in the sweep folder by default, or an
+RDB URL); ASHA stops weak trials between folds (``time_attr="folds_done"``).
+Everything lands in ``<workdir>/sweeps/<name>/``; ``resume=True`` continues
+an interrupted sweep with ``Tuner.restore`` (finished trials are kept, errored
+ones are retried, the rest run).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from pydantic import Field
+
+from ..config import StageConfig
+from ..errors import RaypathError
+from ..storage import atomic_write_bytes, exists, is_remote, join, strip_protocol
+from .nested import FoldPlan, nested_lodo_plan, steps_seen
+from .objective import TrialContext, trial_function
+from .space import SweepSpace, load_space, optuna_space, stage_settings
+
+log = logging.getLogger(__name__)
+
+TUNE_NAME = "tune"
+
+
+class SweepConfig(StageConfig):
+    """Configuration of ``raypath sweep``."""
+
+    workdir: str = Field(..., description="project folder (local path or s3:// URI)")
+    space: str = Field(..., description="sweep YAML file (search space, objectives; see sweeps/examples/)")
+    name: str = Field("sweep", description="sweep name: outputs in <workdir>/sweeps/<name>/")
+    num_samples: int = Field(8, ge=1, description="trials in total (a resumed sweep counts the finished ones)")
+    resume: bool = Field(False, description="continue an interrupted sweep of the same name (Tuner.restore)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: derived from the cluster's CPUs/GPUs")
+    cpus_per_trial: float | None = Field(None, gt=0, description="default: derived from the sweep kind and the cluster")
+    gpus_per_trial: float | None = Field(None, ge=0, description="default: 1 per trial (MIL: a share) when the cluster has GPUs")
+    optuna_storage: str | None = Field(
+        None,
+        description="Optuna storage URL (e.g. postgresql://user@host/db on clusters); default: "
+        "sqlite in the sweep folder (local workdir) or in memory (s3 workdir); 'memory' = in memory",
+    )
+    seed: int = Field(0, description="seed of the TPE sampler")
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: str
+    trials: pd.DataFrame
+    best: dict | None
+    n_folds: int
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def sweep_dir_of(cfg: SweepConfig) -> str:
+    d = join(cfg.workdir, "sweeps", cfg.name)
+    return d if is_remote(d) else os.path.abspath(strip_protocol(d))
+
+
+def load_inputs(space: SweepSpace, workdir: str) -> tuple[pd.DataFrame, str | None]:
+    """(clinical rows the MIL stage will use, fixed feature folder or None)."""
+    from ..mil.api import MilConfig, load_clinical, resolve_feature_dir
+
+    mil_fixed = dict(space.fixed.get("mil", {}))
+    if space.kind == "mil":
+        if not space.features:
+            raise RaypathError("a `kind: mil` sweep needs `features:` (a model key under <workdir>/features or a folder)")
+        from ..features import FeatureStore
+
+        cfg = MilConfig(**{**mil_fixed, "workdir": workdir, "features": space.features})
+        feature_dir = resolve_feature_dir(cfg)
+        clinical = load_clinical(cfg, FeatureStore(feature_dir).slide_ids())
+        return clinical, feature_dir
+    from ..robustness.api import load_slides
+
+    slides = load_slides(workdir)
+    if mil_fixed.get("clinical"):
+        cfg = MilConfig(**{**mil_fixed, "workdir": workdir, "features": "unused"})
+        slides = load_clinical(cfg, slides["slide_id"].astype(str).tolist())
+    return slides.reset_index(drop=True), None
+
+
+def make_plan(space: SweepSpace, clinical: pd.DataFrame) -> list[FoldPlan]:
+    mil = space.fixed.get("mil", {})
+    return nested_lodo_plan(
+        clinical,
+        task=mil.get("task", "survival"),
+        internal_fraction=mil.get("internal_fraction", 0.2),
+        seed=mil.get("seed", 0),
+        repeats=mil.get("repeats", 1),
+        cohorts=space.cohorts,
+        adapt=space.kind == "adapter",
+    )
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def trial_resources(
+    space: SweepSpace,
+    cluster: dict[str, float],
+    num_samples: int,
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float | None = None,
+    max_concurrent: int | None = None,
+) -> tuple[dict[str, float], int, int]:
+    """(per-trial resource request, max concurrent trials, torch threads per trial).
+
+    MIL-only trials train in the trial process: 1 CPU each (or what is
+    given) and, on GPU clusters, a share of a GPU so that several small MIL
+    models share a device.  Adapter trials mostly drive other Ray work (the
+    adapter's ``TorchTrainer`` workers, the embedding actor pool): the trial
+    itself holds little, and the number of concurrent trials is bounded by
+    what those stages will ask for, so they never wait on each other.
+    """
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    if space.kind == "mil":
+        cpu = cpus_per_trial or 1.0
+        gpu = gpus_per_trial if gpus_per_trial is not None else (0.25 if gpus >= 1 else 0.0)
+        limit = int(cpus // cpu)
+        if gpu > 0:
+            limit = min(limit, int(gpus // gpu))
+        threads = max(1, int(cpu))
+    else:
+        adapt = space.fixed.get("adapt", {})
+        embed = space.fixed.get("embed", {})
+        workers = int(adapt.get("num_workers", 0))
+        in_process = workers == 0
+        # in-process adaptation trains in the trial: it holds the CPUs/GPU it uses
+        cpu = cpus_per_trial or (1.0 if in_process else 0.25)
+        gpu = gpus_per_trial if gpus_per_trial is not None else (1.0 if (gpus >= 1 and in_process) else 0.0)
+        actors = int(embed.get("num_actors") or 1)
+        per_actor = float(embed.get("num_cpus_per_actor", 1.0))
+        need_cpu = cpu + workers * 1.0 + actors * per_actor
+        limit = int(cpus // need_cpu) if need_cpu > 0 else 1
+        if gpus >= 1:
+            need_gpu = gpu + (workers if not in_process else 0)
+            if need_gpu > 0:
+                limit = min(limit, int(gpus // need_gpu))
+        threads = max(1, int(cpu))
+    limit = max(1, min(limit, num_samples))
+    if max_concurrent is not None:
+        limit = max_concurrent
+    req = {"cpu": cpu}
+    if gpu > 0:
+        if gpus <= 0:
+            raise RaypathError(
+                f"--gpus-per-trial {gpu} but the Ray cluster has no GPUs: drop the flag or connect to a GPU cluster"
+            )
+        req["gpu"] = gpu
+    return req, limit, threads
+
+
+# --------------------------------------------------------------------------- search
+
+
+def optuna_storage(cfg: SweepConfig, sweep_dir: str):
+    """An Optuna ``BaseStorage`` (``OptunaSearch`` takes an instance, not a URL)."""
+    import optuna
+
+    url = cfg.optuna_storage
+    if url == "memory":
+        return None
+    if url is None:
+        if is_remote(sweep_dir):
+            log.info("sweep folder is remote: Optuna study kept in memory (pass --optuna-storage URL to persist it)")
+            return None
+        os.makedirs(sweep_dir, exist_ok=True)
+        url = f"sqlite:///{os.path.join(sweep_dir, 'optuna.db')}"
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # bad URL, driver missing, server unreachable
+        from ..storage import redact
+
+        raise RaypathError(
+            f"cannot open Optuna storage {redact(url)!r}: {type(e).__name__}: {e}. Pass an SQLAlchemy URL "
+            "(sqlite:///path.db, postgresql://user:pass@host/db) with its driver installed, or 'memory'"
+        ) from e
+
+
+def build_searcher(space: SweepSpace, cfg: SweepConfig, sweep_dir: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics, modes = space.metric_names, space.modes
+    single = len(metrics) == 1
+    points = [{k: _encode_point(space, k, v) for k, v in p.items()} for p in space.points_to_evaluate]
+    return OptunaSearch(
+        space=optuna_space(space),
+        metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes,
+        points_to_evaluate=points or None,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        study_name=cfg.name,
+        storage=optuna_storage(cfg, sweep_dir),
+    )
+
+
+def _encode_point(space: SweepSpace, key: str, value: Any) -> Any:
+    from .space import encode_choice
+
+    return encode_choice(value) if space.space[key].type == "categorical" else value
+
+
+def build_scheduler(space: SweepSpace, n_folds: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    if space.scheduler.type == "none" or n_folds < 2:
+        return None
+    return ASHAScheduler(
+        time_attr="folds_done",
+        metric=space.objectives[0].metric,
+        mode=space.objectives[0].mode,
+        max_t=n_folds,
+        grace_period=min(space.scheduler.grace_period, n_folds),
+        reduction_factor=space.scheduler.reduction_factor,
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
+    """Run (or resume) a sweep and write its outputs.
+
+    Parameters
+    ----------
+    cfg
+        The sweep's settings; ``cfg.space`` names the YAML file.
+    callbacks
+        Extra ``ray.tune.Callback`` objects (tests use one to interrupt).
+
+    Returns
+    -------
+    SweepResult with the trials table and the best trial (None if no trial
+    finished every fold).
+    """
+    from ray import tune
+
+    from ..ray_env import ensure_ray
+    from .outputs import write_outputs
+
+    space = load_space(cfg.space)
+    sweep_dir = sweep_dir_of(cfg)
+    tune_path = join(sweep_dir, TUNE_NAME)
+    already = exists(join(tune_path, "tuner.pkl"))
+    if already and not cfg.resume:
+        raise RaypathError(
+            f"sweep {cfg.name!r} already exists in {sweep_dir}: pass --resume to continue it, "
+            "or choose another --name"
+        )
+    if cfg.resume and not already:
+        log.info("nothing to resume in %s: starting a new sweep", sweep_dir)
+
+    ray = ensure_ray()
+    clinical, feature_dir = load_inputs(space, cfg.workdir)
+    plans = make_plan(space, clinical)
+    n_folds = len(plans)
+    cfg.save(sweep_dir)
+    import yaml
+
+    atomic_write_bytes(join(sweep_dir, "space.yaml"),
+                       yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).encode())
+    seen = steps_seen(plans, clinical)
+    from ..storage import write_parquet_atomic
+    import pyarrow as pa
+
+    write_parquet_atomic(pa.Table.from_pandas(seen, preserve_index=False), join(sweep_dir, "nested_lodo.parquet"))
+
+    resources, max_conc, threads = trial_resources(
+        space, ray.cluster_resources(), cfg.num_samples, cfg.cpus_per_trial, cfg.gpus_per_trial,
+        cfg.max_concurrent_trials,
+    )
+    log.info("sweep %s: %d folds (held out: %s), trials request %s, up to %d at once",
+             cfg.name, n_folds, [p.held_out for p in plans], resources, max_conc)
+    ctx = TrialContext(space=space, workdir=cfg.workdir, sweep_dir=sweep_dir, name=cfg.name, plans=plans,
+                       clinical=clinical, feature_dir=feature_dir, torch_threads=threads)
+    trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
+
+    if already and cfg.resume:
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=build_searcher(space, cfg, sweep_dir),
+                scheduler=build_scheduler(space, n_folds),
+                num_samples=cfg.num_samples,
+                max_concurrent_trials=max_conc,
+                # one worker process per concurrent trial: torch is imported once
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_NAME,
+                storage_path=sweep_dir,
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                callbacks=callbacks,
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    return write_outputs(grid, cfg, space, plans, sweep_dir, clinical)
+
+
+def finite(v) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False

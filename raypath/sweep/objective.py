@@ -1,0 +1,287 @@
+"""One sweep trial: for each LODO fold, adapt -> embed -> MIL -> score.
+
+:func:`run_fold` is plain Python (tests call it without Ray, with stub
+stages); :func:`trial_function` is the Ray Tune function trainable that
+loops over the folds and calls ``ray.tune.report`` after each one, with
+``folds_done`` as ASHA's time axis.  Stages that use Ray themselves (the
+adapter with ``num_workers >= 1`` runs a ``TorchTrainer``; embedding runs a
+Ray Data actor pool) are started from inside the trial: the Train V2 pattern
+of a Tune function that builds and fits trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..errors import RaypathError
+from ..storage import atomic_write_bytes, exists, join, read_parquet
+from .nested import FoldPlan, audit_plan, check_step
+from .space import SweepSpace, stage_settings
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs besides its sampled config (sent once via
+    ``tune.with_parameters``)."""
+
+    space: SweepSpace
+    workdir: str
+    sweep_dir: str
+    name: str
+    plans: list[FoldPlan]
+    clinical: pd.DataFrame  # the rows MIL trains/tests on (status ok, with features)
+    feature_dir: str | None = None  # kind mil: the fixed features
+    torch_threads: int = 1
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _adapt_stage(settings: dict, plan: FoldPlan, run: str) -> str:
+    from ..adapt import AdaptConfig, adapt
+
+    cfg = AdaptConfig(**{**settings, "cohorts": plan.train_cohorts, "run": run})
+    res = adapt(cfg)
+    return res.adapter_dir
+
+
+def _adapt_used_slides(adapter_dir: str) -> list[str]:
+    """Slides the adapter was trained on, as the adapt stage recorded them."""
+    uri = join(adapter_dir, "training_tiles.parquet")
+    if not exists(uri):
+        raise RaypathError(f"{uri} missing: cannot verify which slides the adapter saw")
+    return sorted(set(read_parquet(uri, columns=["slide_id"]).to_pandas()["slide_id"].astype(str)))
+
+
+def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: str) -> str:
+    from ..embed import EmbedConfig, embed
+
+    cfg = EmbedConfig(**{**settings, "adapter": adapter_dir, "slide_ids": plan.embed, "feature_dir": feature_dir})
+    res = embed(cfg)
+    failed = res.slides[res.slides["status"] == "failed"] if len(res.slides) else res.slides
+    if len(failed):
+        raise RaypathError(f"embedding failed for slides {failed['slide_id'].tolist()[:5]}")
+    return res.feature_dir
+
+
+def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, ray_dir: str):
+    from ..features import FeatureStore
+    from ..mil.api import MilConfig, params_from_config
+    from ..mil.protocols import run_protocol
+
+    cfg = mil_config(mil_settings, feature_dir, plan.held_out)
+    store = FeatureStore(feature_dir)
+    have = set(store.slide_ids())
+    rows = clinical[clinical["slide_id"].astype(str).isin(have)].reset_index(drop=True)
+    out = run_protocol(
+        store, rows, params_from_config(cfg), "lodo",
+        folds=cfg.folds, repeats=cfg.repeats, seed=cfg.seed,
+        internal_fraction=cfg.internal_fraction, cohorts=[plan.held_out],
+        num_workers=cfg.num_workers, ray_storage_path=ray_dir, use_gpu=cfg.use_gpu,
+    )
+    ids = rows["slide_id"].astype(str).to_numpy()
+    for sp in out.splits:
+        check_step(plan, "train", ids[sp.train])
+        check_step(plan, "selection", ids[sp.internal])
+        check_step(plan, "test", ids[sp.external])
+    return out
+
+
+def mil_config(mil_settings: dict, feature_dir: str, held_out: str | None):
+    """The ``MilConfig`` of one fold (protocol lodo, in-process by default)."""
+    from ..mil.api import MilConfig
+
+    d = dict(mil_settings)
+    d.update(features=feature_dir, protocol="lodo")
+    if held_out is not None:
+        d["cohorts"] = [held_out]
+    d.setdefault("num_workers", 0)
+    return MilConfig(**d)
+
+
+def _robustness_stage(feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, space: SweepSpace) -> dict:
+    from ..features import FeatureStore
+    from ..robustness import metrics as M
+
+    rs = space.robustness
+    ids = [s for s in plan.robustness if s in set(FeatureStore(feature_dir).slide_ids())]
+    if len(plan.train_cohorts) < 2 or not ids:
+        return {"site_probe_bacc": math.nan, "kmeans_purity": math.nan}
+    X, meta = FeatureStore(feature_dir).sample_tiles(rs.tiles_per_slide, ids, seed=0)
+    info = clinical.set_index(clinical["slide_id"].astype(str))
+    centre = info.loc[meta["slide_id"], "cohort"].astype(str).to_numpy()
+    patients = info.loc[meta["slide_id"], "patient_id"].astype(str).to_numpy()
+    probe = M.site_probe(X, centre, patients, n_splits=rs.probe_folds, seed=0)
+    purity = M.kmeans_purity(X, centre, k=rs.kmeans_k, repeats=rs.kmeans_repeats, seed=0, min_cluster_size=5)
+    return {
+        "site_probe_bacc": float(probe.get("balanced_accuracy", math.nan)),
+        "kmeans_purity": float(purity.get("purity", math.nan)),
+    }
+
+
+@dataclass
+class Stages:
+    """The stage functions a fold calls (tests swap in stubs)."""
+
+    adapt: Callable[[dict, FoldPlan, str], str] = _adapt_stage
+    adapt_used_slides: Callable[[str], list[str]] = _adapt_used_slides
+    embed: Callable[[dict, FoldPlan, str, str], str] = _embed_stage
+    mil: Callable[..., Any] = _mil_stage
+    robustness: Callable[..., dict] = _robustness_stage
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+def select_fold_score(out, held_out: str, inner_selection: str) -> dict:
+    """External and internal score of one fold after inner model selection.
+
+    ``last_epoch``: the model after the last epoch (what ``raypath mil``
+    reports).  ``best_internal_epoch``: per repeat, the epoch with the best
+    score on the selection set (training cohorts only); the held-out score
+    is read at that epoch.  Either way C's score never drives a choice.
+    """
+    s = out.summary
+    if inner_selection == "last_epoch":
+        internal = s.get("internal", {}).get(held_out, {})
+        return {
+            "external": _f(s["per_cohort"].get(held_out)),
+            "internal": _f(internal.get("mean") if isinstance(internal, dict) else None),
+            "epoch": None,
+        }
+    c = out.curves
+    metric = s["metric"]
+    c = c[(c["metric"] == metric) & (c["name"] == held_out)]
+    ext, intl, epochs = [], [], []
+    for _, g in c.groupby("repeat"):
+        inner = g[(g["set"] == "internal") & (g["cohort"] == "all")].dropna(subset=["value"])
+        if inner.empty:
+            raise RaypathError(
+                "inner_selection best_internal_epoch needs a selection set: set mil.internal_fraction > 0"
+            )
+        best = inner.loc[inner["value"].idxmax()]
+        e = int(best["epoch"])
+        outer = g[(g["set"] == "external") & (g["cohort"] == held_out) & (g["epoch"] == e)]
+        ext.append(float(outer["value"].iloc[0]) if len(outer) else math.nan)
+        intl.append(float(best["value"]))
+        epochs.append(e)
+    return {"external": float(np.mean(ext)), "internal": float(np.mean(intl)), "epoch": epochs}
+
+
+def _f(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def run_fold(
+    plan: FoldPlan,
+    settings: dict[str, dict],
+    ctx: TrialContext,
+    tag: str,
+    stages: Stages | None = None,
+) -> dict:
+    """Run one nested-LODO fold and return its scores.
+
+    Parameters
+    ----------
+    plan
+        What each step may see (from :func:`~raypath.sweep.nested.nested_lodo_plan`).
+    settings
+        Per-stage settings of the trial (:func:`~raypath.sweep.space.stage_settings`).
+    tag
+        Unique name of the trial, used in run names and folders.
+    """
+    stages = stages or Stages()
+    t0 = time.perf_counter()
+    c = plan.held_out
+    res: dict[str, Any] = {"held_out": c, "adapter_dir": None}
+    if ctx.space.kind == "adapter":
+        run = f"sweep-{ctx.name}-{tag}-{c}"
+        adapter_dir = stages.adapt(settings["adapt"], plan, run)
+        check_step(plan, "adapt", stages.adapt_used_slides(adapter_dir))
+        embed_settings = {
+            **settings["embed"],
+            "model": settings["adapt"].get("model", settings["embed"].get("model")),
+            "weights": settings["adapt"].get("weights", settings["embed"].get("weights")),
+        }
+        feature_dir = stages.embed(embed_settings, plan, adapter_dir, join(ctx.sweep_dir, "features", f"{tag}-{c}"))
+        res["adapter_dir"] = adapter_dir
+    else:
+        feature_dir = ctx.feature_dir
+    res["feature_dir"] = feature_dir
+    ray_dir = join(ctx.sweep_dir, "trials", tag, f"mil-{c}")
+    out = stages.mil(settings["mil"], feature_dir, ctx.clinical, plan, ray_dir)
+    res.update(select_fold_score(out, c, ctx.space.inner_selection))
+    if ctx.space.robustness_enabled:
+        res.update(stages.robustness(feature_dir, ctx.clinical, plan, ctx.space))
+    res["time_s"] = time.perf_counter() - t0
+    return res
+
+
+def aggregate(folds: list[dict], n_folds: int) -> dict:
+    """Metrics reported after each fold (running over the folds done)."""
+    ext = [f["external"] for f in folds]
+    intl = [f["internal"] for f in folds]
+    worst_i = int(np.nanargmin(ext)) if np.isfinite(ext).any() else 0
+    out: dict[str, Any] = {
+        "folds_done": len(folds),
+        "complete": len(folds) == n_folds,
+        "mean_external": float(np.nanmean(ext)) if np.isfinite(ext).any() else math.nan,
+        "worst_external": float(np.nanmin(ext)) if np.isfinite(ext).any() else math.nan,
+        "worst_cohort": folds[worst_i]["held_out"],
+        "mean_internal": float(np.nanmean(intl)) if np.isfinite(intl).any() else math.nan,
+        "time_s": float(sum(f["time_s"] for f in folds)),
+    }
+    for key in ("site_probe_bacc", "kmeans_purity"):
+        vals = [f[key] for f in folds if key in f]
+        if vals:
+            out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
+    for f in folds:
+        out[f"external_{f['held_out']}"] = f["external"]
+        out[f"internal_{f['held_out']}"] = f["internal"]
+    return out
+
+
+# --------------------------------------------------------------------------- the Tune trainable
+
+
+def trial_function(config: dict, ctx: TrialContext) -> None:
+    """Ray Tune function trainable: one trial over every fold of the plan."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, ctx.torch_threads))
+    tag = tune.get_context().get_trial_id()
+    audit_plan(ctx.plans, ctx.clinical)
+    settings = stage_settings(ctx.space, config, ctx.workdir)
+    folds: list[dict] = []
+    n = len(ctx.plans)
+    for plan in ctx.plans:
+        folds.append(run_fold(plan, settings, ctx, tag))
+        metrics = aggregate(folds, n)
+        _write_trial_record(ctx, tag, config, folds)
+        tune.report(metrics)
+
+
+def _write_trial_record(ctx: TrialContext, tag: str, config: dict, folds: list[dict]) -> None:
+    doc = {"trial_id": tag, "config": config, "folds": folds}
+    atomic_write_bytes(join(ctx.sweep_dir, "trials", tag, "folds.json"),
+                       json.dumps(doc, indent=2, default=_json_default).encode())
+
+
+def _json_default(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
