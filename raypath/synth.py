@@ -577,7 +577,7 @@ def summary(table: pd.DataFrame) -> str:
     for cohort, g in table.groupby("cohort"):
         lines.append(
             f"  {cohort}: {len(g)} slides, {g['true_objective'].iloc[0]}x, "
-            f"high-grade {100 * g['label'].mean():.0f} %, events {int(g['event'].sum())}"
+            f"{100 * g['label'].mean():.0f} % high grade, {int(g['event'].sum())} with an event"
         )
     return "\n".join(lines)
 
