@@ -81,7 +81,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[StageConfi
     for name, field in model.model_fields.items():
         tp = _unwrap_optional(field.annotation)
         help_text = (field.description or "").strip()
-        default = field.default if field.default is not None else None
+        default = None if field.is_required() else field.default
         if default is not None and not callable(default):
             help_text += f" [default: {default}]"
         kw: dict[str, Any] = {"dest": name, "default": None, "help": help_text or None}
