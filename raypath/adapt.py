@@ -57,8 +57,9 @@ CKPT_STUDENT = "student"
 CKPT_TENSORS = "dino_state.safetensors"  # heads of student and teacher, centre
 CKPT_STATE = "train_state.pt"  # optimiser state, epoch, metrics so far
 CKPT_DONE = "COMPLETE"  # written last: a folder without it is ignored
+KEEP_CHECKPOINTS = 2
 #: Config fields that may differ between a run and its resumption.
-_RESUMABLE_CHANGES = {"epochs", "num_workers", "use_gpu", "checkpoint_every_epochs", "device", "stop_after_epochs", "batch_size"}
+_RESUMABLE_CHANGES = {"workdir", "epochs", "num_workers", "use_gpu", "checkpoint_every_epochs", "device", "stop_after_epochs", "batch_size"}
 
 
 class AdaptConfig(StageConfig):
@@ -366,7 +367,7 @@ def _check_resumable(saved: dict, cfg: AdaptConfig, where: str) -> None:
     diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if diff:
         raise RaypathError(
-            f"run {cfg.run!r} already has a checkpoint ({where}) made with different {', '.join(diff)}: "
+            f"run {cfg.run!r} already exists ({where}) with different {', '.join(diff)}: "
             "pass the same settings to resume, or choose a new --run name"
         )
 
@@ -390,17 +391,30 @@ def _download_dir(src: str, local_dir: str) -> None:
             shutil.copyfileobj(fi, fo)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete in-process checkpoint ``<run_dir>/checkpoints/epoch_NNNN``."""
+def _checkpoint_names(run_dir: str) -> tuple[object, str, list[str]]:
     root = join(run_dir, "checkpoints")
     fs = filesystem_for(root)
     base = root if is_remote(root) else strip_protocol(root)
     if not fs.exists(base):
-        return None
+        return fs, base, []
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-    for name in reversed([n for n in names if n.startswith("epoch_")]):
+    return fs, base, [n for n in names if n.startswith("epoch_")]
+
+
+def _prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (a DINO head with 65536
+    prototypes makes each one a few hundred MB)."""
+    fs, base, names = _checkpoint_names(run_dir)
+    for name in names[:-keep] if keep > 0 else []:
+        fs.rm(f"{base}/{name}", recursive=True)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete in-process checkpoint ``<run_dir>/checkpoints/epoch_NNNN``."""
+    fs, base, names = _checkpoint_names(run_dir)
+    for name in reversed(names):
         if fs.exists(f"{base}/{name}/{CKPT_DONE}"):
-            return join(root, name)
+            return join(run_dir, "checkpoints", name)
     return None
 
 
@@ -589,6 +603,7 @@ def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_i
                     if os.path.exists(dest):
                         shutil.rmtree(dest)
                     shutil.copytree(d, dest)
+                _prune_checkpoints(run_dir, keep=KEEP_CHECKPOINTS)
         if cfg.stop_after_epochs is not None and done >= cfg.stop_after_epochs and done < cfg.epochs:
             raise SimulatedKill(f"stopped after epoch {done} (stop_after_epochs)")
 
@@ -632,6 +647,12 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     finished run is not retrained.
     """
     run_dir = run_dir_of(cfg)
+    if exists(join(run_dir, "config.yaml")):
+        import yaml
+
+        with filesystem_for(run_dir).open(join(run_dir, "config.yaml") if is_remote(run_dir) else strip_protocol(join(run_dir, "config.yaml"))) as f:
+            saved = (yaml.safe_load(f) or {}).get("config", {})
+        _check_resumable(saved, cfg, join(run_dir, "config.yaml"))
     if exists(join(run_dir, "metrics.json")) and exists(join(run_dir, "adapter_model.safetensors")):
         with filesystem_for(run_dir).open(join(run_dir, "metrics.json") if is_remote(run_dir) else strip_protocol(join(run_dir, "metrics.json"))) as f:
             doc = json.load(f)
@@ -675,7 +696,7 @@ def _fit_ray(cfg: AdaptConfig, tiles: pd.DataFrame, run_dir: str) -> dict:
         _ray_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_dir": run_dir, "n_rows": n_rows, "threads": max(1, int(cluster_cpus() // max(1, cfg.num_workers)))},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name="train", storage_path=storage, checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        run_config=ray.train.RunConfig(name="train", storage_path=storage, checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
         datasets={"train": ds},
     )
     try:

@@ -125,9 +125,13 @@ def test_kill_and_resume_matches_uninterrupted(workdir):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    # a finished run is not retrained
+    # a finished run is not retrained, and not silently reused with other settings
     again = adapt(_cfg(workdir, epochs=3, run="killed"))
     assert again.start_epoch == 3 and len(again.metrics) == 3
+    with pytest.raises(RaypathError, match="different method"):
+        adapt(_cfg(workdir, epochs=3, run="killed", method="lora"))
+    # only the newest checkpoints are kept
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
 
 
 def test_cli_adapt_and_bad_model(workdir, capsys):
