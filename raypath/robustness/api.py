@@ -42,7 +42,6 @@ from ..storage import (
     is_remote,
     join,
     read_parquet,
-    redact,
     strip_protocol,
 )
 from . import metrics as M
@@ -172,7 +171,9 @@ def load_sample(
     info = {
         "feature_dir": feature_dir,
         # what produced the features: model, weights/adapter sha256, preprocessing
-        "manifest": redact({k: v for k, v in manifest.items() if k not in ("slides", "failed", "schema")}),
+        # (not passed through redact(): it masks any key containing "token", e.g.
+        # num_register_tokens; the manifest holds no secrets, it is already stored as is)
+        "manifest": {k: v for k, v in manifest.items() if k not in ("slides", "failed", "schema")},
         # one digest over the per-slide cache keys of the slides analysed
         "slides_cache_digest": hashlib.sha256(
             json.dumps({s: entries.get(s) for s in ids}, sort_keys=True, default=str).encode()
@@ -360,7 +361,7 @@ def draw_plots(
             f"KMeans cohort purity, k={kp['k']} (repeat 1){title}"))
     ri = res.get("robustness_index", {})
     if "curve" in ri:
-        put("ri_curve.png", P.ri_curve(ri["curve"], ri["k"], f"Robustness index{title}"))
+        put("ri_curve.png", P.ri_curve(ri["curve"], ri["k"], f"Robustness index{title}", ri.get("chance")))
     if "croma" in arrays:
         put("croma_hist.png", P.croma_histogram(arrays["croma"], f"CRoMa (m={cfg.croma_m}){title}"))
     if cfg.gallery and "kmeans" in arrays:

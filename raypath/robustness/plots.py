@@ -94,13 +94,14 @@ def scatter_by(
     plt = _plt()
     n_panels = max(1, len(colourings))
     fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 4.8), squeeze=False)
+    size = float(np.clip(3000.0 / max(1, len(coords)), 3.0, 25.0))  # visible for 100 or 5000 points
     for ax, (name, values) in zip(axes[0], colourings.items()):
         vals = pd.Series(list(values)).astype(str)
         levels = sorted(vals.unique())
         cols = _colours(len(levels))
         for lev, col in zip(levels, cols):
             sel = (vals == lev).to_numpy()
-            ax.scatter(coords[sel, 0], coords[sel, 1], s=6, color=col, alpha=0.7, linewidths=0,
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=size, color=col, alpha=0.7, linewidths=0,
                        label=lev if len(levels) <= _MAX_LEGEND else None)
         ax.set_title(f"coloured by {name}")
         ax.set_xticks([])
@@ -127,30 +128,33 @@ def purity_per_cluster(clusters: dict, chance_purity: float | None, title: str) 
     cmap = dict(zip(levels, _colours(len(levels))))
     fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.06 * len(order) + 5)), 3.6))
     ax.bar(np.arange(len(order)), purity[order], width=1.0,
-           color=[cmap[m] for m in maj[order]], linewidth=0)
+           color=[cmap[m] for m in maj[order]], edgecolor="white", linewidth=0.4 if len(order) < 80 else 0)
     if chance_purity is not None:
         ax.axhline(chance_purity, color="k", ls="--", lw=1, label=f"chance {chance_purity:.2f}")
     ax.axhline(float(np.nanmean(purity)), color="crimson", lw=1,
                label=f"mean {np.nanmean(purity):.2f}")
-    for lev in levels:
-        ax.bar([0], [0], color=cmap[lev], label=f"majority: {lev}")
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(color=cmap[lev], label=f"majority: {lev}") for lev in levels[:_MAX_LEGEND]]
     ax.set_ylim(0, 1.02)
     ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_xlabel("cluster (sorted by purity)")
     ax.set_ylabel("max cohort share")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower left", frameon=False, ncol=2)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig_to_png(fig)
 
 
-def ri_curve(curve: dict, k_selected: int, title: str) -> bytes:
-    """RI as a function of k with the selected k marked (0.5 = neutral)."""
+def ri_curve(curve: dict, k_selected: int, title: str, chance: float | None = None) -> bytes:
+    """RI as a function of k with the selected k and the chance RI (random neighbours) marked."""
     plt = _plt()
     ks = sorted(int(k) for k in curve)
     vals = [curve[str(k)] for k in ks]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(ks, vals, "o-")
-    ax.axhline(0.5, color="grey", ls="--", lw=1, label="neutral 0.5")
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"random neighbours {chance:.2f}")
     ax.axvline(k_selected, color="crimson", lw=1, label=f"k = {k_selected}")
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
