@@ -90,6 +90,11 @@ class EmbedConfig(StageConfig):
     )
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per model replica (CPU: also torch threads)")
     read_threads: int = Field(1, ge=1, description="JPEG decoding threads per read task")
+    actor_concurrency: int | None = Field(
+        None, ge=1,
+        description="batches in flight per model replica (default: 2 on GPU so host-side copies overlap "
+        "the forward pass, 1 on CPU)",
+    )
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the features")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="autocast on GPU (auto = bf16)")
     compile: bool = Field(False, description="torch.compile the model (GPU; pays a warm-up per actor)")
@@ -116,6 +121,10 @@ class EmbedResult:
     tiles_embedded: int = 0
     elapsed_s: float = 0.0
     stats: str = ""
+    #: seconds from the call to the first embedded batch at the driver (start-up: Ray, actors, model load)
+    first_output_s: float | None = None
+    #: tiles/s between the first and the last embedded batch (the pipeline's steady state)
+    steady_tiles_per_s: float | None = None
 
     @property
     def tiles_per_s(self) -> float:
@@ -259,6 +268,9 @@ class TileEmbedder:
         self._forward = self.backbone
         if compile:
             self._forward = torch.compile(self.backbone)
+        import threading
+
+        self._local = threading.local()  # one CUDA stream per calling thread (actor concurrency > 1)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[n, H, W, 3]`` -> features ``[n, D]`` (storage dtype); forward passes of exactly batch_size."""
@@ -267,7 +279,19 @@ class TileEmbedder:
         n = len(images)
         out = np.empty((n, self.backbone.spec.embed_dim), self.dtype)
         B = self.batch_size
-        pinned = self.device.startswith("cuda")
+        stream_ctx = contextlib.nullcontext()
+        if self.device.startswith("cuda"):
+            if getattr(self._local, "stream", None) is None:
+                self._local.stream = torch.cuda.Stream(device=self.device)
+            stream_ctx = torch.cuda.stream(self._local.stream)
+        with stream_ctx:
+            self._embed_chunks(images, out, B)
+        return out
+
+    def _embed_chunks(self, images: np.ndarray, out: np.ndarray, B: int) -> None:
+        import torch
+
+        n = len(images)
         for s in range(0, n, B):
             chunk = images[s : s + B]
             m = len(chunk)
@@ -275,8 +299,6 @@ class TileEmbedder:
                 pad = np.zeros((B - m,) + chunk.shape[1:], np.uint8)
                 chunk = np.concatenate([chunk, pad])
             t = torch.from_numpy(np.ascontiguousarray(chunk))
-            if pinned:
-                t = t.pin_memory()
             with torch.inference_mode():
                 x = self.backbone.preprocess(t)
                 ctx = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -284,7 +306,6 @@ class TileEmbedder:
                 with ctx:
                     f = self._forward(x)
                 out[s : s + m] = f[:m].float().cpu().numpy().astype(self.dtype)
-        return out
 
 
 class EmbedActor:
@@ -522,6 +543,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     cfg.save(feature_dir)
     tiles_done = 0
     stats = ""
+    first_output_s = steady = None
     if todo:
         ensure_ray()
         import ray.data
@@ -544,14 +566,17 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                         device="cuda" if gpus > 0 else "cpu", amp=cfg.amp, compile=cfg.compile,
                         channels_last=cfg.channels_last, num_threads=None if gpus > 0 else int(cpus),
                         dtype=cfg.dtype)
-        log.info("embed: %d actor(s) x (%g GPU, %g CPU), batch %d, %s",
-                 n_actors, gpus, cpus, cfg.batch_size, "GPU" if gpus > 0 else "CPU")
+        concurrency = cfg.actor_concurrency or (2 if gpus > 0 else 1)
+        log.info("embed: %d actor(s) x (%g GPU, %g CPU), batch %d, %d batch(es) in flight per actor, %s",
+                 n_actors, gpus, cpus, cfg.batch_size, concurrency, "GPU" if gpus > 0 else "CPU")
         progress = _Progress(len(todo), n_todo_tiles, cfg.progress_interval_s)
         acc: dict[str, list[dict[str, np.ndarray]]] = {}
         seen: dict[str, set] = {}
         writer = ThreadPoolExecutor(2, thread_name_prefix="raypath-write")
         pending: list[tuple[str, Future]] = []
         last_flush = time.perf_counter()
+        t_first = t_last = None
+        tiles_at_first = 0
 
         def reap(block: bool = False) -> None:
             nonlocal last_flush
@@ -582,7 +607,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             ds = ds.map_batches(
                 EmbedActor,
                 fn_constructor_kwargs=actor_kw,
-                compute=ray.data.ActorPoolStrategy(size=n_actors),
+                compute=ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=concurrency),
                 batch_size=cfg.batch_size,
                 batch_format="numpy",
                 num_gpus=gpus,
@@ -590,6 +615,10 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             )
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                    now = time.perf_counter()
+                    if t_first is None:
+                        t_first, tiles_at_first = now, len(out["tile_id"])
+                    t_last = now
                     sids = np.asarray(out["slide_id"], dtype=object)
                     errs = np.asarray(out["error"], dtype=object)
                     for sid in pd.unique(sids):
@@ -644,12 +673,18 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                 rows.append({"slide_id": sid, "status": "failed", "n_tiles": int(len(t)), "error": failed[sid]})
             else:
                 rows.append({"slide_id": sid, "status": "done", "n_tiles": int(len(t)), "error": None})
+        if t_first is not None:
+            first_output_s = t_first - t_start
+            if t_last > t_first:
+                steady = (progress.tiles - tiles_at_first) / (t_last - t_first)
     else:
         flush()
     elapsed = time.perf_counter() - t_start
-    res = EmbedResult(feature_dir, ident.model_key, pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "error"]),
-                      tiles_embedded=tiles_done, elapsed_s=elapsed, stats=stats)
-    return res
+    return EmbedResult(
+        feature_dir, ident.model_key, pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "error"]),
+        tiles_embedded=tiles_done, elapsed_s=elapsed, stats=stats, first_output_s=first_output_s,
+        steady_tiles_per_s=steady,
+    )
 
 
 # --------------------------------------------------------------------------- CLI
