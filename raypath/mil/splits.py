@@ -93,26 +93,40 @@ def check_no_leakage(
 
 
 def _group_kfold(
-    strata: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
+    strata: np.ndarray | list[np.ndarray], groups: np.ndarray, n_splits: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-grouped stratified folds.
+
+    ``strata`` may be a list from fine to coarse (e.g. cohort x event, then
+    event): when every stratum of one level is smaller than ``n_splits``
+    (tiny cohorts) sklearn refuses it and the next, coarser level is used,
+    finally a purely grouped split.
+    """
+    import warnings
+
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
         raise RaypathError(
             f"{n_groups} patients cannot be split into {n_splits} folds: lower --folds "
             "or add patients"
         )
+    levels = list(strata) if isinstance(strata, list) else [strata]
+    levels.append(np.zeros(len(groups), dtype=np.int64))
     skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    import warnings
-
-    with warnings.catch_warnings():
-        # sklearn warns when a stratum has fewer groups than folds; the split
-        # is still valid (grouped), only less balanced.
-        warnings.simplefilter("ignore", UserWarning)
-        return list(skf.split(np.zeros(len(groups)), strata, groups))
+    for level in levels:
+        _, counts = np.unique(np.asarray(level), return_counts=True)
+        if np.all(counts < n_splits):
+            continue
+        with warnings.catch_warnings():
+            # sklearn warns when a stratum has fewer groups than folds; the
+            # split is still valid (grouped), only less balanced.
+            warnings.simplefilter("ignore", UserWarning)
+            return list(skf.split(np.zeros(len(groups)), level, groups))
+    raise RaypathError(f"{len(groups)} slides cannot be split into {n_splits} folds")
 
 
 def _holdout(
-    rows: np.ndarray, strata: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+    rows: np.ndarray, strata: list[np.ndarray], groups: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``rows`` into (train, internal) with ~``fraction`` of patients held out."""
     if fraction <= 0:
@@ -121,7 +135,7 @@ def _holdout(
     n_splits = min(n_splits, len(np.unique(groups[rows])))
     if n_splits < 2:
         return rows, np.zeros(0, dtype=np.int64)
-    tr, te = _group_kfold(strata[rows], groups[rows], n_splits, seed)[0]
+    tr, te = _group_kfold([s[rows] for s in strata], groups[rows], n_splits, seed)[0]
     return rows[tr], rows[te]
 
 
@@ -173,7 +187,7 @@ def make_splits(
         )
     # Stratify on cohort x target when several cohorts are pooled, so the
     # internal set mirrors the training mix.
-    strata = np.char.add(np.char.add(cohort.astype(str), "|"), y)
+    strata = [np.char.add(np.char.add(cohort.astype(str), "|"), y), y]
     splits: list[Split] = []
     for r in range(repeats):
         s = seed + r
