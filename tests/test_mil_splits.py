@@ -88,3 +88,12 @@ def test_lodo_needs_two_cohorts(clinical):
         make_splits(one, "lodo", "event")
     with pytest.raises(RaypathError, match="not in the clinical table"):
         make_splits(clinical, "lodo", "event", cohorts=["nope"])
+
+
+def test_tiny_cohorts_still_split_grouped():
+    # 3 cohorts x 5 slides: every cohort x event stratum is smaller than the
+    # 5 folds of the internal hold-out, which sklearn refuses on its own
+    _, df = make_synthetic_bags(n_slides=15, n_cohorts=3, dim=2, seed=0)
+    for protocol in ("lodo", "pairwise", "internal"):
+        splits = make_splits(df, protocol, "event", folds=3, repeats=2)
+        assert all(len(s.train) for s in splits)
