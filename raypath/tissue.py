@@ -12,6 +12,7 @@ minimum physical area.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,15 +210,40 @@ class SlideTissue:
     downsample_y: float
 
 
+#: Rows of a pyramid level decoded at once when building a thumbnail: memory
+#: stays bounded for slides without a usable low-resolution level.
+THUMBNAIL_STRIP_ROWS = 2048
+
+
 def slide_thumbnail(slide, max_px: int) -> tuple[np.ndarray, float, float]:
     """RGB thumbnail of a tiffslide slide whose long side is at most ``max_px``.
 
-    Reads the coarsest pyramid level that is still at least the thumbnail size.
-    Returns ``(rgb, downsample_x, downsample_y)``.
+    Reads the coarsest pyramid level that is still at least the thumbnail
+    size, in strips of rows that are shrunk by an integer box filter as they
+    are read (a single-level 100k px slide never sits in memory whole).
+
+    Returns
+    -------
+    (rgb, downsample_x, downsample_y)
+        uint8 ``(H, W, 3)`` and the level-0 px per thumbnail px on each axis.
     """
+    from PIL import Image
+
     w0, h0 = slide.dimensions
-    img = slide.get_thumbnail((max_px, max_px))
-    rgb = np.asarray(img.convert("RGB"))
+    level = slide.get_best_level_for_downsample(max(w0, h0) / max_px)
+    lw, lh = slide.level_dimensions[level]
+    ds = float(slide.level_downsamples[level])
+    factor = max(1, int(math.ceil(max(lw, lh) / max_px)))
+    strip = max(factor, (THUMBNAIL_STRIP_ROWS // factor) * factor)
+    parts = []
+    for y in range(0, lh, strip):
+        rows = min(strip, lh - y)
+        region = slide.read_region((0, int(round(y * ds))), level, (lw, rows), as_array=True)[..., :3]
+        img = Image.fromarray(np.ascontiguousarray(region).astype(np.uint8))
+        if factor > 1:
+            img = img.reduce(factor)  # box filter; a partial last block is averaged over what exists
+        parts.append(np.asarray(img))
+    rgb = np.concatenate(parts, axis=0)
     return rgb, w0 / rgb.shape[1], h0 / rgb.shape[0]
 
 
