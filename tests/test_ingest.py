@@ -178,3 +178,24 @@ def test_cli_ingest_in_process(slide_dir, tmp_path, capsys):
     df = pd.read_parquet(tmp_path / "slides.parquet")
     assert df["status"].tolist() == ["ok", "ok"]
     assert df["mpp_source"].tolist() == ["file", "override"]
+
+
+def test_open_slide_over_s3_uses_explicit_block_size_and_same_pixels(s3_server, cmu_slide, tmp_path):
+    import tiffslide
+
+    from raypath.slide_io import opened_slide
+    from raypath.storage import S3Options
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(cmu_slide, folder / "cmu.svs")
+    base = s3_server.upload_dir(folder, "blocks")
+    opts = S3Options.from_env(block_size_bytes=256 * 1024, cache_type="bytes")
+    with opened_slide(f"{base}/cmu.svs", opts) as remote:
+        fh = remote._raypath_fh
+        assert fh.blocksize == 256 * 1024  # never s3fs's 50 MiB default
+        assert type(fh.cache).__name__ == "BytesCache"
+        got = remote.read_region((1000, 1500), 0, (224, 224), as_array=True)
+    with tiffslide.TiffSlide(str(cmu_slide)) as local:
+        want = local.read_region((1000, 1500), 0, (224, 224), as_array=True)
+    assert np.array_equal(got, want)
