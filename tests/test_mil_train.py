@@ -49,7 +49,7 @@ def test_lodo_external_scores_and_evaluate_lodo(planted):
     from raypath.mil.api import MilConfig
 
     bags, clin = planted
-    cfg = MilConfig(workdir="unused", features="unused", protocol="lodo", **FAST, repeats=1)
+    cfg = MilConfig(protocol="lodo", **FAST, repeats=1)
     res = evaluate_lodo(bags, clin, cfg)
     assert set(res["per_cohort"]) == set(clin["cohort"])
     assert res["worst"] <= res["mean"] <= max(res["per_cohort"].values())
@@ -182,6 +182,8 @@ def test_run_mil_writes_outputs_and_cli(tmp_path, capsys):
     rc = main(["mil", "--workdir", str(tmp_path), "--features", "nope", "--epochs", "1"])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["mil", "--features", "synth"]) == 2
+    assert "needs --workdir" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- Ray Train

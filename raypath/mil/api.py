@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 class MilConfig(StageConfig):
     """Configuration of ``raypath mil``."""
 
-    workdir: str = Field(..., description="project folder (local path or s3:// URI)")
-    features: str = Field(
-        ..., description="feature folder, or a model key under <workdir>/features/"
+    workdir: str | None = Field(None, description="project folder (local path or s3:// URI); required by run_mil")
+    features: str | None = Field(
+        None, description="feature folder, or a model key under <workdir>/features/; required by run_mil"
     )
     task: Literal["survival", "classification"] = Field("survival", description="what to predict")
     protocol: Literal["lodo", "internal", "pairwise"] = Field("lodo", description="evaluation protocol")
@@ -221,6 +221,11 @@ def run_mil(cfg: MilConfig) -> MilResult:
     """
     from ..features import FeatureStore
 
+    if not cfg.workdir or not cfg.features:
+        raise RaypathError(
+            "mil needs --workdir (the project folder) and --features (a feature folder or "
+            "a model key under <workdir>/features/)"
+        )
     feature_dir = resolve_feature_dir(cfg)
     store = FeatureStore(feature_dir)
     clinical = load_clinical(cfg, store.slide_ids())
