@@ -31,6 +31,13 @@ def slide_dir(tmp_path_factory):
     files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
     files["grey"] = root / "bad" / "grey.tif"
     tifffile.imwrite(files["grey"], np.zeros((300, 300), np.uint8), tile=(256, 256))
+    files["corrupt"] = root / "bad" / "corrupt.svs"  # right size, tile data zeroed
+    data = bytearray(good.read_bytes())
+    with tifffile.TiffFile(good) as tf:
+        page = tf.series[0].levels[0].pages[0]
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            data[offset : offset + count] = bytes(count)
+    files["corrupt"].write_bytes(bytes(data))
     files["codec"] = root / "bad" / "codec.svs"
     write_svs(files["codec"], render(512, 512), compression="zlib", downsamples=())
     with tifffile.TiffFile(files["codec"], mode="r+b") as tf:
@@ -49,6 +56,7 @@ EXPECTED_KIND = {
     "nompp": "no_mpp:",
     "grey": "unsupported_layout:",
     "codec": "unsupported_compression:",
+    "corrupt": "unreadable:",
 }
 
 
