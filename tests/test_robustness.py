@@ -271,6 +271,20 @@ def test_missing_biology_is_skipped_not_fatal(tmp_path, cmu_slide):
     assert out["headline"]["site_probe_balanced_accuracy"] is not None
 
 
+def test_load_sample_bounds_tiles_on_large_cohorts(tmp_path, cmu_slide):
+    from raypath.robustness.api import load_sample
+
+    X, meta = BIO
+    wd = _workdir(tmp_path, cmu_slide, X, meta, "fm")
+    slides = pd.read_parquet(wd / "slides.parquet")
+    Xs, m, info = load_sample(str(wd / "features" / "fm"), slides, 100, 0, max_total=72, min_per_slide=1)
+    assert info["tiles_per_slide_loaded"] == 2 and len(Xs) == 72  # 36 slides x 2
+    assert m.groupby("slide_id").size().eq(2).all()
+    assert {"cohort", "label", "patient_id", "uri"} <= set(m.columns)
+    _, _, info = load_sample(str(wd / "features" / "fm"), slides, 100, 0, max_total=72, min_per_slide=5)
+    assert info["tiles_per_slide_loaded"] == 5
+
+
 def test_cli_json_and_errors(tmp_path, cmu_slide, capsys):
     from raypath.cli import main
 

@@ -85,7 +85,8 @@ class RobustnessConfig(StageConfig):
     biology_column: str = Field("label", description="slides.parquet column holding the biology (e.g. label, true_phenotype)")
     centre_column: str = Field("cohort", description="slides.parquet column holding the centre/site")
     patient_column: str = Field("patient_id", description="column grouping the site-probe CV folds")
-    tiles_per_slide: int = Field(100, description="random tiles read per slide (KMeans purity uses all of them)")
+    tiles_per_slide: int = Field(100, description="random tiles read per slide (fewer on large cohorts: "
+                                 "at most the largest per-metric cap in total)")
     tsne_tiles_per_slide: int = Field(10, description="tiles per slide in the t-SNE/UMAP maps")
     tsne_max_points: int = Field(5000, description="cap on points in the 2-D maps")
     tsne_iterations: int = Field(1000, description="t-SNE optimisation steps (>= 250)")
@@ -152,8 +153,16 @@ def load_sample(
     seed: int,
     slide_ids: list[str] | None = None,
     s3: S3Options | None = None,
+    max_total: int | None = None,
+    min_per_slide: int = 1,
 ) -> tuple[np.ndarray, pd.DataFrame, dict]:
-    """Random tiles per slide from a store, with the cohort columns of each tile's slide."""
+    """Random tiles per slide from a store, with the cohort columns of each tile's slide.
+
+    ``max_total`` bounds memory on large cohorts: no metric uses more tiles than
+    its cap, so each slide contributes at most
+    ``max(min_per_slide, ceil(max_total / n_slides))`` tiles (and never more
+    than ``tiles_per_slide``).
+    """
     store = FeatureStore(feature_dir, s3)
     have = set(store.slide_ids())
     known = set(slides["slide_id"].astype(str))
@@ -163,6 +172,8 @@ def load_sample(
             f"no slide of {feature_dir!r} is listed (status ok) in slides.parquet: embed the "
             "cohort's slides or point --workdir at the project that holds them"
         )
+    if max_total is not None:
+        tiles_per_slide = int(min(tiles_per_slide, max(min_per_slide, -(-int(max_total) // len(ids)))))
     X, meta = store.sample_tiles(tiles_per_slide, ids, seed)
     meta = meta.merge(slides.assign(slide_id=slides["slide_id"].astype(str)), on="slide_id", how="left",
                       suffixes=("", "_slide"))
@@ -181,6 +192,7 @@ def load_sample(
         "n_slides_in_store": len(have),
         "n_slides_without_metadata": len(have - known),
         "n_slides": len(ids),
+        "tiles_per_slide_loaded": int(tiles_per_slide),
         "n_tiles": int(len(X)),
         "dim": int(X.shape[1]),
     }
@@ -246,7 +258,7 @@ def analyse(X: np.ndarray, meta: pd.DataFrame, cfg: RobustnessConfig) -> tuple[d
         X[idx], c_all[idx], k=cfg.kmeans_k, repeats=cfg.kmeans_repeats, seed=cfg.seed))
     if "assign" in kp:
         arrays["kmeans"] = {"rows": idx, "assign": kp.pop("assign"), "centres": kp.pop("centres")}
-    kp["params"] = {"tiles_per_slide": cfg.tiles_per_slide, "max_samples": cfg.kmeans_max_samples}
+    kp["params"] = {"max_samples": cfg.kmeans_max_samples, "n_slides": int(len(set(slides[idx])))}
     res["kmeans_purity"] = kp
 
     # biology-aware metrics
@@ -438,7 +450,11 @@ def _run_dir(cfg: RobustnessConfig, feature_dir: str) -> tuple[str, str]:
 def _one(cfg: RobustnessConfig, feature_dir: str, slides: pd.DataFrame, out_dir: str, label: str,
          slide_ids: list[str] | None, s3: S3Options | None) -> dict:
     t0 = time.perf_counter()
-    X, meta, info = load_sample(feature_dir, slides, cfg.tiles_per_slide, cfg.seed, slide_ids, s3)
+    # the largest sample any metric draws: more tiles would only cost memory
+    max_total = max(cfg.kmeans_max_samples, cfg.knn_max_samples, cfg.probe_max_samples,
+                    cfg.cluster_max_samples, cfg.tsne_max_points)
+    X, meta, info = load_sample(feature_dir, slides, cfg.tiles_per_slide, cfg.seed, slide_ids, s3,
+                                max_total=max_total, min_per_slide=cfg.tsne_tiles_per_slide)
     info["n_tiles_per_centre"] = {str(k): int(v) for k, v in meta[cfg.centre_column].astype("string")
                                   .fillna("NA").value_counts().sort_index().items()} \
         if cfg.centre_column in meta.columns else {}
