@@ -50,15 +50,16 @@ def peak_flops(name: str, override: float | None) -> float | None:
     return None
 
 
-def model_only(key: str, batch: int, seconds: float, compile: bool, device: str = "cuda") -> tuple[float, float]:
+def model_only(key: str, batch: int, seconds: float, compile: bool, device: str = "cuda",
+               amp: str = "bf16") -> tuple[float, float]:
     """(tiles/s, FLOPs per tile) of the model fed uint8 tiles from host memory."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from raypath.embed import TileEmbedder
 
-    emb = TileEmbedder(key, "random", None, batch, device=device, amp="bf16", compile=compile)
-    x1 = emb.backbone.preprocess(torch.zeros(1, 224, 224, 3, dtype=torch.uint8))
+    emb = TileEmbedder(key, "random", None, batch, device=device, amp=amp, compile=compile)
+    x1 = emb.backbone.preprocess(torch.zeros(1, 224, 224, 3, dtype=torch.uint8)).to(emb.input_dtype)
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         emb.backbone(x1)
     flops = float(fc.get_total_flops())
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
                     help="aim for about this many seconds of pipeline per model (slides are subset)")
     ap.add_argument("--compile", action="store_true", help="torch.compile in both measurements")
     ap.add_argument("--actor-concurrency", type=int, default=None)
+    ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "bf16-weights"],
+                    help="precision in both measurements (bf16 = autocast)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak if the GPU is not known")
     ap.add_argument("--workdir", default=None, help="reuse slides here (default: a temp dir)")
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script with a tiny model")
@@ -130,11 +133,11 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.models:
         key = SHAPES[shape]
-        mo, fl = model_only(key, args.batch_size, args.model_only_s, args.compile, device)
+        mo, fl = model_only(key, args.batch_size, args.model_only_s, args.compile, device, args.amp)
         n_sl = int(min(len(sdf), max(4, np.ceil(mo * args.pipeline_s / per_slide))))
         ids = sorted(sdf.slide_id)[:n_sl]
         res = embed(EmbedConfig(workdir=str(root), model=key, weights="random", batch_size=args.batch_size,
-                                slide_ids=ids, force=True, compile=args.compile, progress_interval_s=5,
+                                slide_ids=ids, force=True, compile=args.compile, progress_interval_s=5, amp=args.amp,
                                 actor_concurrency=args.actor_concurrency,
                                 feature_dir=str(root / "features" / shape)))
         ok = (res.slides.status == "done").all()
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
           f"slides {args.slide_px}px, 224px level-0 tiles, {per_slide} per slide")
     print(table(rows, cols))
     save("gpu" if not args.smoke else "gpu_smoke", {"gpu": gpu, "peak_bf16_flops": peak, "batch_size": args.batch_size, "slide_px": args.slide_px,
-                 "tiles_per_slide": per_slide, "compile": args.compile, "rows": rows})
+                 "tiles_per_slide": per_slide, "compile": args.compile, "amp": args.amp, "rows": rows})
     return 0
 
 

@@ -88,7 +88,7 @@ class Backbone(torch.nn.Module):
         s = self.spec.img_size
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        x = x * self._scale + self._shift
+        x = x * self._scale.float() + self._shift.float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
