@@ -581,6 +581,11 @@ def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_i
             "epoch_s": time.time() - t0,
         }
         metrics.append(row)
+        if n_done and row["teacher_entropy"] > 0.98 * math.log(loss_fn.center.shape[1]):
+            # centring won over sharpening: the teacher is uniform and the loss carries no signal
+            log.warning("adapt %s epoch %d: teacher entropy %.3f ~ log(out_dim) = %.3f: DINO has collapsed to the uniform "
+                        "distribution; lower --lr or raise --warmup-epochs", cfg.run, epoch + 1, row["teacher_entropy"],
+                        math.log(loss_fn.center.shape[1]))
         log.info("adapt %s epoch %d/%d loss %.4f teacher entropy %.3f (%.1f s)", cfg.run, epoch + 1, cfg.epochs, row["loss"], row["teacher_entropy"], row["epoch_s"])
         done = epoch + 1
         want_ckpt = done % cfg.checkpoint_every_epochs == 0 or done == cfg.epochs or done == cfg.stop_after_epochs
