@@ -189,7 +189,7 @@ def test_run_mil_writes_outputs_and_cli(tmp_path, capsys):
 # ----------------------------------------------------------------- Ray Train
 
 
-@pytest.mark.slow  # ~35 s idle, more on a loaded machine: Ray start + 2 torch workers
+@pytest.mark.slow  # ~60 s idle: Ray start + 2 torch workers, twice
 def test_ray_train_two_workers_ddp_matches_in_process_shape(ray_session, planted, tmp_path):
     bags, clin = planted
     params = TrainParams(**{**FAST, "epochs": 3})
@@ -201,3 +201,10 @@ def test_ray_train_two_workers_ddp_matches_in_process_shape(ray_session, planted
     assert len(out.curves[out.curves["set"] == "train"]) == 3
     # checkpoints were written by Ray Train in the run folder (resume point)
     assert any(p.startswith("checkpoint_") for p in os.listdir(tmp_path / "ray" / "t"))
+    # re-running the same (storage_path, name) resumes: the finished fold is
+    # taken from the checkpoint, not retrained
+    again = run_protocol(
+        bags, clin, params, "lodo", repeats=1, cohorts=["site2"], num_workers=2,
+        ray_storage_path=str(tmp_path / "ray"), ray_name="t",
+    )
+    pd.testing.assert_frame_equal(again.predictions, out.predictions)
