@@ -135,7 +135,11 @@ def test_trial_resources_follow_the_cluster():
     ad = parse_space({"kind": "adapter", "fixed": {"adapt": {"num_workers": 2}},
                       "space": {"adapt.rank": {"type": "int", "low": 2, "high": 8}}})
     req, n, _ = trial_resources(ad, {"CPU": 32.0, "GPU": 4.0}, 10)
-    assert req == {"cpu": 0.25} and n == 2  # each trial's TorchTrainer takes 2 GPUs
+    assert req == {"cpu": 0.25} and n == 1  # a TorchTrainer on 2 GPUs + an embedding actor on 1
+    ex = parse_space(yaml.safe_load((Path(__file__).parents[1] / "sweeps/examples/adapter_lodo.yaml").read_text()))
+    assert trial_resources(ex, {"CPU": 2.0}, 4)[:2] == ({"cpu": 0.5}, 1)  # 0.5 + actor 0.5 + reader 1
+    with pytest.raises(RaypathError, match="num_actors"):
+        trial_resources(ad, {"CPU": 2.0}, 4)
     with pytest.raises(RaypathError, match="no GPUs"):
         trial_resources(mil, {"CPU": 4.0}, 4, gpus_per_trial=1)
 
@@ -205,7 +209,7 @@ SMALL_SPACE = {
     "space": {
         "mil.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
         "mil.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-        "mil.epochs": {"type": "int", "low": 1, "high": 3},
+        "mil.epochs": {"type": "int", "low": 1, "high": 2},
         "mil.model": {"type": "categorical", "choices": ["abmil", "clam"]},
     },
     # the first trial has an invalid epoch count: it must fail alone
@@ -242,26 +246,26 @@ def test_mil_sweep_interrupt_resume_and_best_config(ray_session, tmp_path):
     from raypath.mil.api import MilConfig, run_mil
     from raypath.sweep.api import SweepConfig, run_sweep
 
-    make_workdir(tmp_path)
+    make_workdir(tmp_path, n_slides=24)
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(SMALL_SPACE))
     flag, log = tmp_path / "interrupt.flag", tmp_path / "starts.log"
     flag.touch()
-    cfg = SweepConfig(workdir=str(tmp_path), space=str(space_file), name="small", num_samples=5,
+    cfg = SweepConfig(workdir=str(tmp_path), space=str(space_file), name="small", num_samples=4,
                       max_concurrent_trials=1)
-    first = run_sweep(cfg, callbacks=[_interrupter(flag, log, after=3)])
+    first = run_sweep(cfg, callbacks=[_interrupter(flag, log, after=2)])
     assert not flag.exists()  # the interruption happened
     done_first = set(first.trials.trial_id[first.trials.status == "complete"])
-    assert 1 <= len(done_first) < 5 and len(first.trials) < 5
+    assert len(done_first) == 2 and len(first.trials) == 3  # the failed one + 2 finished
 
     with pytest.raises(RaypathError, match="--resume"):
         run_sweep(cfg)
     res = run_sweep(cfg.model_copy(update={"resume": True}))
     t = res.trials
-    assert len(t) == 5 and t.trial_id.is_unique
+    assert len(t) == 4 and t.trial_id.is_unique
     failed = t[t.status == "error"]
     assert len(failed) == 1 and "epochs" in failed.error.iloc[0]
-    assert (t.status == "complete").sum() == 4 and set(t.folds_done[t.status == "complete"]) == {3}
+    assert (t.status == "complete").sum() == 3 and set(t.folds_done[t.status == "complete"]) == {3}
     starts = log.read_text().split()
     # finished trials were not re-run; only the failed one is retried on resume
     for tid in done_first:
@@ -274,7 +278,7 @@ def test_mil_sweep_interrupt_resume_and_best_config(ray_session, tmp_path):
               "optuna.db"):
         assert (d / f).exists(), f
     table = pd.read_parquet(d / "trials.parquet")
-    assert len(table) == 5 and table.pareto.any()
+    assert len(table) == 4 and table.pareto.any()
     summary = json.loads((d / "sweep.json").read_text())
     assert summary["n_failed"] == 1 and summary["held_out_cohorts"] == ["site0", "site1", "site2"]
     best = yaml.safe_load((d / "best_config.yaml").read_text())

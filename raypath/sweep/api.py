@@ -139,15 +139,29 @@ def trial_resources(
         embed = space.fixed.get("embed", {})
         workers = int(adapt.get("num_workers", 0))
         in_process = workers == 0
-        # in-process adaptation trains in the trial: it holds the CPUs/GPU it uses
-        cpu = cpus_per_trial or (1.0 if in_process else 0.25)
+        # in-process adaptation trains in the trial; otherwise the trial only drives a TorchTrainer
+        cpu = cpus_per_trial or (0.5 if in_process else 0.25)
         gpu = gpus_per_trial if gpus_per_trial is not None else (1.0 if (gpus >= 1 and in_process) else 0.0)
         actors = int(embed.get("num_actors") or 1)
         per_actor = float(embed.get("num_cpus_per_actor", 1.0))
-        need_cpu = cpu + workers * 1.0 + actors * per_actor
-        limit = int(cpus // need_cpu) if need_cpu > 0 else 1
+        # + 1 CPU for the embedding's slide-reading tasks, which must fit next to the actors
+        need_cpu = cpu + workers * 1.0 + actors * per_actor + 1.0
+        if need_cpu > cpus:
+            raise RaypathError(
+                f"one adapter trial needs {need_cpu:g} CPUs (trial {cpu:g} + adapter workers {workers} + "
+                f"embed actors {actors}x{per_actor:g} + 1 for slide reading) but the cluster has {cpus:g}: "
+                "lower fixed.embed.num_actors / num_cpus_per_actor or fixed.adapt.num_workers"
+            )
+        limit = int(cpus // need_cpu)
         if gpus >= 1:
-            need_gpu = gpu + (workers if not in_process else 0)
+            embed_gpu = actors * float(embed.get("num_gpus_per_actor", 1.0))
+            need_gpu = gpu + (workers if not in_process else 0) + embed_gpu
+            if need_gpu > gpus:
+                raise RaypathError(
+                    f"one adapter trial needs {need_gpu:g} GPUs (trial {gpu:g} + adapter workers + embed actors "
+                    f"{embed_gpu:g}) but the cluster has {gpus:g}: e.g. --gpus-per-trial 0.5 and "
+                    "fixed.embed.num_gpus_per_actor: 0.5"
+                )
             if need_gpu > 0:
                 limit = min(limit, int(gpus // need_gpu))
         threads = max(1, int(cpu))

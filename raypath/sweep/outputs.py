@@ -221,6 +221,9 @@ def plot_objectives(df: pd.DataFrame, space: SweepSpace, path: str) -> None:
         ax.step(x, best.ffill(), where="post", c="k", lw=1, label=f"best so far ({mode})")
         ax.set_ylabel(metric)
         ax.legend(fontsize=7, loc="best")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("trial (blue complete, orange stopped by ASHA, red failed)")
     fig.suptitle("objective per trial")
     fig.tight_layout()
