@@ -391,6 +391,27 @@ def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]
     return ds.take_all()
 
 
+def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
+    """One Ray task per slide, each awaited on its own: a slide that kills its
+    worker (a crashing codec) becomes a ``failed`` row instead of failing the run."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(_tile_row)
+    refs = [task.remote({"row_json": json.dumps(r, default=_json_default)}, cfg) for r in rows]
+    outs = []
+    for r, ref in zip(rows, refs):
+        try:
+            outs.append(ray.get(ref))
+        except Exception as e:
+            summary = dict(slide_id=r["slide_id"], n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
+                           warning=f"unreadable: the worker tiling this slide died ({type(e).__name__})", qc_png=None)
+            sink = io.BytesIO()
+            with pa.ipc.new_stream(sink, TILES) as writer:
+                writer.write_table(TILES.empty_table())
+            outs.append({"slide_id": r["slide_id"], "summary_json": json.dumps(summary), "tiles_ipc": sink.getvalue()})
+    return outs
+
+
 def _json_default(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -441,7 +462,12 @@ def tile(cfg: TileConfig) -> pd.DataFrame:
 
     results: dict[str, tuple[pa.Table, dict[str, Any]]] = {}
     if cfg.use_ray and rows:
-        for out in _run_ray(rows, cfg):
+        try:
+            outs = _run_ray(rows, cfg)
+        except Exception as e:  # Ray Data gives up on the dataset when a task keeps dying
+            log.warning("tile: Ray Data run failed (%s: %s); tiling slide by slide", type(e).__name__, e)
+            outs = _run_isolated(rows, cfg)
+        for out in outs:
             tiles = pa.ipc.open_stream(out["tiles_ipc"]).read_all()
             results[out["slide_id"]] = (tiles, json.loads(out["summary_json"]))
     else:

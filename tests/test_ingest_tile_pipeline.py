@@ -121,3 +121,22 @@ def test_cli_verbs_in_process(study, tmp_path, capsys):
     assert (tiles["read_px"] == 513).all() and (tiles["tile_px"] == 256).all()
     xs = sorted(set(tiles["x"]))
     assert min(b - a for a, b in zip(xs, xs[1:])) == pytest.approx(192 * 513 / 256, abs=1)
+
+
+def test_tiling_falls_back_to_isolated_tasks(study, tmp_path, ray_session, monkeypatch):
+    import raypath.tiling as tiling
+
+    root, cohort = study
+    sub = cohort[cohort["slide_id"].isin(["cmu", "text"])]
+    sub.to_csv(root / "fallback.csv", index=False)
+    wd = str(tmp_path / "fb")
+    ingest(IngestConfig(cohort=str(root / "fallback.csv"), workdir=wd, use_ray=False))
+
+    def dataset_fails(rows, cfg):
+        raise RuntimeError("a task kept dying")
+
+    monkeypatch.setattr(tiling, "_run_ray", dataset_fails)
+    tiles = tile(TileConfig(workdir=wd))
+    summary = pd.read_parquet(f"{wd}/tiling_summary.parquet").set_index("slide_id")
+    assert summary.loc["cmu", "status"] == "ok" and summary.loc["cmu", "n_tiles"] == len(tiles) > 0
+    assert summary.loc["text", "status"] == "failed"
