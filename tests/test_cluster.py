@@ -465,10 +465,11 @@ class LocalRayCluster:
             RAY_AUTH_MODE="disabled",
             RAY_USAGE_STATS_ENABLED="0",
             RAY_DATA_DISABLE_PROGRESS_BARS="1",
-            # Notice a dead node in ~3 s instead of ~30 s.
+            # A killed node refuses health checks at once: declared dead after
+            # 5 failed checks, 1 s apart (default 3 s).  The per-check timeout
+            # stays at Ray's default so a live node on a busy machine is not
+            # declared dead.
             RAY_health_check_period_ms="1000",
-            RAY_health_check_timeout_ms="1000",
-            RAY_health_check_failure_threshold="3",
             PATH=f"{self.venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
             **{_MARKER: f"{self.run_id}-{node}"},
         )
@@ -509,17 +510,30 @@ class LocalRayCluster:
             time.sleep(0.5)
         raise TimeoutError(f"local Ray cluster: {what} not ready after {timeout_s} s")
 
+    def _node_ready(self, resource: str) -> bool:
+        return any(resource in n["resources_total"] for n in self.alive_nodes())
+
     def start_head(self, num_cpus: int = 1, timeout_s: float = 120) -> None:
         self._start("head", ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                              "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
                              f"--ray-client-server-port={_free_port()}"])
-        self._wait("head", lambda: self._get("/api/version") is not None, timeout_s)
+        self._wait("head", lambda: self._node_ready("node:__internal_head__"), timeout_s)
 
-    def add_worker(self, name: str, num_cpus: int = 1, resources: dict | None = None, timeout_s: float = 120) -> None:
-        before = len(self.alive_nodes())
-        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
-                           f"--resources={json.dumps(resources or {})}"])
-        self._wait(f"worker {name}", lambda: len(self.alive_nodes()) > before, timeout_s)
+    def add_worker(self, name: str, num_cpus: int = 1, resources: dict | None = None, timeout_s: float = 120,
+                   attempts: int = 3) -> None:
+        """Start a worker node and wait until the GCS lists it.  Retried:
+        on an overloaded machine Ray gives a raylet only 30 s to register."""
+        marker = f"node_{name}"  # a resource only this node has
+        for attempt in range(attempts):
+            self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
+                               f"--resources={json.dumps({**(resources or {}), marker: 1})}"])
+            try:
+                self._wait(f"worker {name}", lambda: self._node_ready(marker), timeout_s)
+                return
+            except RuntimeError:
+                self.kill_node(name)
+                if attempt == attempts - 1:
+                    raise
 
     def log(self, node: str) -> str:
         return (self.temp_root / f"{node}.log").read_text(errors="replace")
@@ -583,10 +597,10 @@ def _submit(cluster, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
-def test_job_runs_across_both_nodes(local_cluster, tmp_path):
+def test_job_runs_across_both_nodes(local_cluster):
     """`raypath submit -- CMD` runs the command as a Ray job whose tasks reach
     the second node; status, logs and list report it."""
-    script = tmp_path / "probe.py"
+    script = local_cluster.temp_root / "probe.py"
     script.write_text(
         "import ray\n"
         "ray.init()\n"
@@ -622,3 +636,107 @@ def test_failed_and_stopped_jobs_are_reported(local_cluster, capsys):
     assert job_status(sleeper, client=client) in ("PENDING", "RUNNING")
     assert stop_job(sleeper, client=client)
     assert wait_for_job(sleeper, client=client, timeout_s=60) == "STOPPED"
+
+
+# --------------------------------------------------------------------------- the pipeline as jobs
+
+
+@pytest.fixture(scope="module")
+def demo_job(local_cluster):
+    """The demo pipeline (`jobs/demo-small.yaml`) submitted as one job with
+    `raypath submit --wait`; (rc, stderr, workdir).  Stages write their outputs
+    as they finish, so a later stage's failure still leaves slides and tiles."""
+    # Under the cluster's temp dir (removed at teardown), not pytest's tmp_path:
+    # pytest sessions running beside this one prune old tmp_path folders.
+    workdir = local_cluster.temp_root / "demo-workdir"
+    t0 = time.monotonic()
+    rc, out, err = _submit(local_cluster, str(JOBS_DIR / "demo-small.yaml"), "--var", f"WORKDIR={workdir}",
+                           "--wait", "--timeout-s", "900")
+    print(f"demo job: rc {rc} in {time.monotonic() - t0:.0f} s")
+    job_id = out.split()[0] if out.split() else None
+    logs = ""
+    if job_id and rc != 0:
+        from raypath.submit import job_logs
+
+        logs = job_logs(job_id, local_cluster.address)
+    return rc, err + logs[-4000:], workdir
+
+
+@pytest.mark.slow
+def test_demo_pipeline_runs_as_a_job(demo_job):
+    rc, err, workdir = demo_job
+    assert rc == 0, f"demo job did not succeed:\n{err}"
+    summary = json.loads((workdir / "demo_summary.json").read_text())
+    import pandas as pd
+
+    slides = pd.read_parquet(workdir / "slides.parquet")
+    tiles = pd.read_parquet(workdir / "tiles.parquet")
+    assert summary["slides"] == len(slides) > 0 and (slides["status"] == "ok").all()
+    assert summary["tiles"] == len(tiles) > 0
+    feature_dir = Path(summary["features"])
+    assert {p.stem for p in feature_dir.glob("*.parquet")} == set(tiles["slide_id"])
+    for key in ("mil", "robustness"):
+        assert key in summary, f"the demo job skipped {key}"
+    for run_dir in summary["mil"].values():
+        assert (Path(run_dir) / "metrics.json").exists(), run_dir
+    assert (Path(summary["robustness"]) / "robustness.json").exists()
+    assert Path(summary["report"]).exists()
+
+
+def _alive_work_on(cluster, node_id: str) -> int:
+    """Actors alive plus tasks running on one node (Ray's state API)."""
+    actors = cluster._get("/api/v0/actors?limit=1000")["data"]["result"]["result"]
+    tasks = cluster._get("/api/v0/tasks?limit=1000")["data"]["result"]["result"]
+    return (sum(a["state"] == "ALIVE" and a.get("node_id") == node_id for a in actors)
+            + sum(t["state"] == "RUNNING" and t.get("node_id") == node_id for t in tasks))
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_embed_loses_and_duplicates_nothing(local_cluster, demo_job):
+    """Kill the worker node while `raypath embed` runs as a job; a replacement
+    node joins (what the autoscaler does after a lost spot node); the job
+    succeeds and every slide's features exist exactly once, complete."""
+    _, _, workdir = demo_job
+    if not (workdir / "tiles.parquet").exists():
+        pytest.skip("the demo job produced no tiles.parquet (see test_demo_pipeline_runs_as_a_job)")
+    pytest.importorskip("raypath.embed")
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from raypath.submit import job_client, job_logs, job_status, wait_for_job, submit_job
+
+    tiles = pd.read_parquet(workdir / "tiles.parquet")
+    expected = {sid: set(g["tile_id"]) for sid, g in tiles.groupby("slide_id")}
+    feature_dir = workdir / "features-nodefail"
+    client = job_client(local_cluster.address)
+    # Small batches: slides finish one by one, so there is a "middle" to kill in.
+    job_id = submit_job(
+        f"raypath embed --workdir {shlex.quote(str(workdir))} --model tiny-vit "
+        f"--feature-dir {shlex.quote(str(feature_dir))} --batch-size 4 --progress-interval-s 1",
+        client=client,
+    )
+    (worker,) = [n for n in local_cluster.alive_nodes() if "worker_node" in n["resources_total"]]
+    deadline = time.monotonic() + 600
+    killed = None
+    while time.monotonic() < deadline:
+        state = job_status(job_id, client=client)
+        done = len(list(feature_dir.glob("*.parquet")))
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        if 0 < done < len(expected) and _alive_work_on(local_cluster, worker["node_id"]):
+            killed = (done, local_cluster.kill_node("worker"))
+            break
+        time.sleep(0.2)
+    assert killed, f"embed ended ({state}) before the worker node could be killed mid-run:\n" + job_logs(job_id, client=client)[-3000:]
+    local_cluster.add_worker("worker2", num_cpus=1, resources={"worker_node": 1})
+    assert wait_for_job(job_id, client=client, timeout_s=600) == "SUCCEEDED", job_logs(job_id, client=client)[-4000:]
+
+    files = sorted(p.name for p in feature_dir.iterdir())
+    assert not [f for f in files if ".tmp" in f], f"temporary files left: {files}"
+    assert {p.stem for p in feature_dir.glob("*.parquet")} == set(expected)  # one file per slide
+    for sid, tile_ids in expected.items():
+        got = pq.read_table(feature_dir / f"{sid}.parquet", columns=["tile_id"]).column("tile_id").to_pylist()
+        assert len(got) == len(set(got)) == len(tile_ids) and set(got) == tile_ids, sid  # each tile once
+    manifest = json.loads((feature_dir / "manifest.json").read_text())
+    assert set(manifest["slides"]) == set(expected) and not manifest.get("failed")
+    print(f"worker killed after {killed[0]}/{len(expected)} slides ({killed[1]} processes)")
