@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import collate_bags, epoch_order, load_bag_arrays, sample_tiles, shard
+from .data import collate_bags, epoch_order, load_bag_arrays, shard
 from .losses import make_objective, make_time_bins, time_to_bin
 from .metrics import classification_metrics, harrell_c_index
 from .models import build_model
