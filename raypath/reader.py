@@ -269,14 +269,10 @@ class SlideReader:
             raise RaypathError(f"tiles table for {self.uri!r} lacks columns {missing}: pass rows of tiles.parquet")
         if len(tiles) == 0:
             return
-        t = tiles.sort_values(["level", "y", "x", "tile_id"], kind="stable")
-        tid = t["tile_id"].to_numpy(np.int64)
-        xs = t["x"].to_numpy(np.int64)
-        ys = t["y"].to_numpy(np.int64)
-        lv = t["level"].to_numpy(np.int64)
-        rp = t["read_px"].to_numpy(np.int64)
-        tp = t["tile_px"].to_numpy(np.int64)
-        n = len(t)
+        cols = {c: tiles[c].to_numpy(np.int64) for c in REQUIRED_COLUMNS}
+        order = np.lexsort((cols["tile_id"], cols["x"], cols["y"], cols["level"]))  # slide order
+        tid, xs, ys, lv, rp, tp = (cols[c][order] for c in REQUIRED_COLUMNS)
+        n = len(order)
         batch_tiles = max(1, int(batch_tiles))
 
         # plan: the stored tiles each requested tile needs, and their last use
