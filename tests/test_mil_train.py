@@ -73,6 +73,9 @@ def test_classification_pairwise(planted):
     assert m["site0"] > 0.75 and m["site2"] > 0.75
     fm = out.fold_metrics
     assert {"auroc", "balanced_accuracy", "f1"} <= set(fm.columns)
+    p = out.predictions
+    assert set(p["pred_label"]) <= set(clin["label"])
+    assert np.allclose(p[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(planted, tmp_path):

@@ -284,6 +284,8 @@ def run_protocol(
             for k in range(scores.shape[1]):
                 p[f"prob_{k}"] = scores[:, k]
             p["pred_index"] = scores.argmax(axis=1)
+            classes = df.drop_duplicates("label_index").set_index("label_index")["label"]
+            p["pred_label"] = classes.reindex(p["pred_index"]).to_numpy()
         pred_frames.append(p)
         curve_rows.extend(res["curves"])
         fold_rows.extend(_fold_metrics(df, sp, p, task))
