@@ -200,8 +200,7 @@ def test_fold_adapts_and_selects_on_training_cohorts_only(tmp_path):
 
 
 SMALL_SPACE = {
-    "kind": "mil",
-    "features": MODEL_KEY,
+    "kind": "mil",  # features: the only store under <workdir>/features
     "objectives": [{"metric": "mean_external", "mode": "max"}, {"metric": "worst_external", "mode": "max"}],
     "scheduler": {"type": "none"},
     "fixed": {"mil": {"task": "survival", "internal_fraction": 0.25, "seed": 0, "batch_size": 8,

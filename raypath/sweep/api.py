@@ -14,7 +14,6 @@ ones are retried, the rest run).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from ..errors import RaypathError
 from ..storage import atomic_write_bytes, exists, is_remote, join, strip_protocol
 from .nested import FoldPlan, nested_lodo_plan, steps_seen
 from .objective import TrialContext, trial_function
-from .space import SweepSpace, load_space, optuna_space, stage_settings
+from .space import SweepSpace, load_space, optuna_space
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,11 @@ class SweepConfig(StageConfig):
         "sqlite in the sweep folder (local workdir) or in memory (s3 workdir); 'memory' = in memory",
     )
     seed: int = Field(0, description="seed of the TPE sampler")
+    features: str | None = Field(
+        None,
+        description="kind mil: feature folder or model key under <workdir>/features (overrides the sweep "
+        "file's `features`; default: the only store there)",
+    )
 
 
 @dataclass
@@ -75,10 +79,11 @@ def load_inputs(space: SweepSpace, workdir: str) -> tuple[pd.DataFrame, str | No
 
     mil_fixed = dict(space.fixed.get("mil", {}))
     if space.kind == "mil":
-        if not space.features:
-            raise RaypathError("a `kind: mil` sweep needs `features:` (a model key under <workdir>/features or a folder)")
         from ..features import FeatureStore
+        from ..robustness.api import resolve_feature_dir as only_store
 
+        if not space.features:
+            space.features = only_store(workdir, None)
         cfg = MilConfig(**{**mil_fixed, "workdir": workdir, "features": space.features})
         feature_dir = resolve_feature_dir(cfg)
         clinical = load_clinical(cfg, FeatureStore(feature_dir).slide_ids())
@@ -268,6 +273,8 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     from .outputs import write_outputs
 
     space = load_space(cfg.space)
+    if cfg.features:
+        space.features = cfg.features
     sweep_dir = sweep_dir_of(cfg)
     tune_path = join(sweep_dir, TUNE_NAME)
     already = exists(join(tune_path, "tuner.pkl"))
@@ -281,6 +288,8 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
 
     ray = ensure_ray()
     clinical, feature_dir = load_inputs(space, cfg.workdir)
+    if feature_dir is not None:
+        space.features = feature_dir  # resolved once: trials and best_config use the folder
     plans = make_plan(space, clinical)
     n_folds = len(plans)
     cfg.save(sweep_dir)
@@ -292,7 +301,17 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     from ..storage import write_parquet_atomic
     import pyarrow as pa
 
-    write_parquet_atomic(pa.Table.from_pandas(seen, preserve_index=False), join(sweep_dir, "nested_lodo.parquet"))
+    plan_uri = join(sweep_dir, "nested_lodo.parquet")
+    if already and exists(plan_uri):
+        from ..storage import read_parquet
+
+        before = read_parquet(plan_uri).to_pandas()
+        if _plan_key(before) != _plan_key(seen):
+            raise RaypathError(
+                f"the slides of {cfg.workdir!r} changed since sweep {cfg.name!r} started, so its finished "
+                "trials were scored on other folds: start a new sweep (--name) instead of --resume"
+            )
+    write_parquet_atomic(pa.Table.from_pandas(seen, preserve_index=False), plan_uri)
 
     resources, max_conc, threads = trial_resources(
         space, ray.cluster_resources(), cfg.num_samples, cfg.cpus_per_trial, cfg.gpus_per_trial,
@@ -329,8 +348,5 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     return write_outputs(grid, cfg, space, plans, sweep_dir, clinical)
 
 
-def finite(v) -> bool:
-    try:
-        return v is not None and math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
+def _plan_key(seen: pd.DataFrame) -> list:
+    return sorted((str(r.held_out), str(r.step), tuple(sorted(map(str, r.slide_ids)))) for r in seen.itertuples())
