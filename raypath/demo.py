@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class DemoConfig(StageConfig):
     workdir: str = Field("demo_out", description="local folder for all outputs")
     n_cohorts: int = Field(3, description="cohorts (sites) in the generated study")
-    slides_per_cohort: int = Field(8, description="slides per cohort")
-    slide_px: int = Field(1536, description="level-0 side of each generated slide, px")
+    slides_per_cohort: int = Field(12, description="slides per cohort")
+    slide_px: int = Field(2048, description="level-0 side of each generated slide, px")
     texture: Literal["synthetic", "real"] = Field("synthetic", description="tissue texture")
     seed: int = 0
     s3: bool = Field(True, description="put slides on the embedded S3 endpoint (else local disk)")
@@ -145,6 +145,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                             )
                         )
                     summary["mil"][protocol] = str(res.run_dir)
+                    print(f"[demo] ABMIL survival, {protocol} (C-index, mean over repeats):")
+                    print(res.table().to_string(index=False), flush=True)
             if _available("raypath.robustness.api"):
                 from .robustness.api import RobustnessConfig, run_robustness
 
@@ -153,6 +155,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                         RobustnessConfig(workdir=workdir, features=str(emb.feature_dir), run="robustness")
                     )
                 summary["robustness"] = rob.get("run_dir") if isinstance(rob, dict) else str(rob)
+                head = rob.get("headline", {}) if isinstance(rob, dict) else {}
+                if head:
+                    print("[demo] robustness of the features (see docs/robustness.md for how to read them):")
+                    for k, v in head.items():
+                        print(f"    {k:32s} {v:.3f}" if isinstance(v, float) else f"    {k:32s} {v}")
             if _available("raypath.report"):
                 from .report import write_workdir_report
 
