@@ -440,7 +440,8 @@ def site_probe(
             )
             clf.fit(Xf[train], y[train])
             pred[test] = clf.predict(Xf[test])
-        fold_ba.append(balanced_accuracy(y[test], pred[test]))
+        # a fold holding one centre only has no balanced accuracy of its own
+        fold_ba.append(balanced_accuracy(y[test], pred[test]) if len(np.unique(y[test])) > 1 else None)
     return {
         "balanced_accuracy": balanced_accuracy(y, pred),
         "chance": 1.0 / n_classes,
