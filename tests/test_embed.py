@@ -144,6 +144,7 @@ def test_s3_inputs_and_outputs_equal_local(local_run, s3_server):
         assert np.array_equal(a.features, b.features) and np.array_equal(a.coords, b.coords)
 
 
+@pytest.mark.slow  # a second driver process (imports + Ray Data start-up) and a resumed run
 def test_killed_driver_resumes_with_each_slide_once(tmp_path, ray_session):
     root, sdf, tdf = make_workdir(tmp_path / "wd", n_synth=6, stride_px=112, size=(700, 560))
     script = tmp_path / "child.py"
