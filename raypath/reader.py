@@ -334,7 +334,10 @@ class SlideReader:
                 del blobs
                 out = np.empty((b - a, int(tp[a]), int(tp[a]), 3), np.uint8)
                 for j, i in enumerate(range(a, b)):
-                    out[j] = self._assemble(i, needs[i], cache, origin[i], xs[i], ys[i], lv[i], rp[i], tp[i])
+                    if rp[i] == tp[i] and needs[i] is not None:  # no resize: assemble in place
+                        self._assemble_into(out[j], needs[i], cache, origin[i], lv[i])
+                    else:
+                        out[j] = self._assemble(i, needs[i], cache, origin[i], xs[i], ys[i], lv[i], rp[i], tp[i])
                 for i in range(a, b):  # drop stored tiles no later tile needs
                     for k in needs[i] or ():
                         if last_use.get(k) == i:
@@ -350,9 +353,17 @@ class SlideReader:
         if keys is None:  # fallback: tiffslide, identical pixels, slower
             arr = np.asarray(self.slide.read_region((int(x), int(y)), int(level), (read_px, read_px), as_array=True))
             return resize_tile(np.ascontiguousarray(arr[:, :, :3]), tile_px)
+        img = np.empty((read_px, read_px, 3), np.uint8)
+        self._assemble_into(img, keys, cache, origin, level)
+        return resize_tile(img, tile_px)
+
+    def _assemble_into(self, img: np.ndarray, keys, cache, origin, level) -> None:
+        """Copy the stored tiles' parts into ``img`` (square, read_px); 0 outside the level."""
         L = self._levels[int(level)]
-        img = np.zeros((read_px, read_px, 3), np.uint8)
+        read_px = img.shape[0]
         rx0, ry0 = int(origin[0]), int(origin[1])
+        if rx0 < 0 or ry0 < 0 or rx0 + read_px > L.width or ry0 + read_px > L.height:
+            img[:] = 0  # only tiles crossing the level's edge have pixels no stored tile covers
         for k in keys:
             r, c = divmod(k[1], L.across)
             tx0, ty0 = c * L.tile_w, r * L.tile_h
@@ -362,7 +373,6 @@ class SlideReader:
             if ax1 <= ax0 or ay1 <= ay0:
                 continue
             img[ay0 - ry0 : ay1 - ry0, ax0 - rx0 : ax1 - rx0] = cache[k][ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
-        return resize_tile(img, tile_px)
 
 
 def read_tiles(
