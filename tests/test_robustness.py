@@ -70,6 +70,13 @@ def test_purity_reports_chance_and_caps_k_on_small_data():
     assert sum(sizes) == len(X) and len(sizes) == res["k"]
 
 
+def test_minibatch_kmeans_path_keeps_the_purity_picture(monkeypatch):
+    monkeypatch.setattr(M, "MINIBATCH_KMEANS_ABOVE", 100)  # large-data path on small data
+    site = M.kmeans_purity(SITE[0], SITE[1].cohort, k=200, repeats=1)["purity"]
+    bio = M.kmeans_purity(BIO[0], BIO[1].cohort, k=200, repeats=1)["purity"]
+    assert site > 0.9 and bio < site - 0.2
+
+
 def test_site_probe_chance_and_grouping():
     rng = np.random.default_rng(3)
     X = rng.normal(size=(300, 8)).astype(np.float32)
