@@ -196,6 +196,26 @@ def test_fold_adapts_and_selects_on_training_cohorts_only(tmp_path):
         run_fold(plan, settings, ctx, "t1", stages)
 
 
+def test_inner_selection_uses_the_training_cohorts_only():
+    """best_internal_epoch picks the epoch on the selection set; the held-out
+    score is read at that epoch, never maximised."""
+    from types import SimpleNamespace
+
+    from raypath.sweep.objective import select_fold_score
+
+    rows = []
+    internal = {0: 0.55, 1: 0.70, 2: 0.60}
+    external = {0: 0.90, 1: 0.52, 2: 0.95}  # the held-out optimum is elsewhere on purpose
+    for e in range(3):
+        rows.append(dict(name="C", repeat=0, epoch=e, set="internal", cohort="all", metric="c_index", value=internal[e]))
+        rows.append(dict(name="C", repeat=0, epoch=e, set="external", cohort="C", metric="c_index", value=external[e]))
+    out = SimpleNamespace(curves=pd.DataFrame(rows),
+                          summary={"metric": "c_index", "per_cohort": {"C": 0.95}, "internal": {"C": {"mean": 0.6}}})
+    best = select_fold_score(out, "C", "best_internal_epoch")
+    assert best == {"external": 0.52, "internal": 0.70, "epoch": [1]}
+    assert select_fold_score(out, "C", "last_epoch") == {"external": 0.95, "internal": 0.6, "epoch": None}
+
+
 # --------------------------------------------------------------------------- Ray Tune
 
 
@@ -241,6 +261,7 @@ def _interrupter(flag: Path, log: Path, after: int):
     return InterruptAfter()
 
 
+@pytest.mark.filterwarnings("ignore:Fixed parameter")  # the deliberately invalid first point
 def test_mil_sweep_interrupt_resume_and_best_config(ray_session, tmp_path):
     from raypath.mil.api import MilConfig, run_mil
     from raypath.sweep.api import SweepConfig, run_sweep
