@@ -134,10 +134,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--synth-px", type=int, default=10000)
     ap.add_argument("--quick", action="store_true", help="3 reps, 4096 px synthetic slide")
+    ap.add_argument("--only", choices=["cmu", "synth"], default=None, help="one slide only")
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.synth_px = 3, 4096
-    slides = [("cmu-small-region (real)", CMU), (f"synthetic {args.synth_px}px", synth_slide(args.synth_px))]
+    slides = []
+    if args.only in (None, "cmu"):
+        slides.append(("cmu-small-region (real)", CMU))
+    if args.only in (None, "synth"):
+        slides.append((f"synthetic {args.synth_px}px", synth_slide(args.synth_px)))
     rows, summaries = [], []
     for name, path in slides:
         r, s = bench_slide(name, path, args.reps, args.threads)
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
         print(f"  {s['slide']}: {s['raypath_vs_openslide']:.2f}x openslide, "
               f"{s['raypath_frac_decode_bound']:.2f} of decode bound, {args.threads} threads: "
               f"{s['threads_speedup']:.2f}x one thread")
-    save("reader", {"rows": rows, "summaries": summaries})
+    save("reader" if args.only is None else f"reader_{args.only}", {"rows": rows, "summaries": summaries})
     return 0
 
 
