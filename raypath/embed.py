@@ -444,6 +444,8 @@ def _data_context(cfg: EmbedConfig, batch_bytes: int):
 def _existing(feature_dir: str, s3: S3Options) -> set[str]:
     fs = filesystem_for(feature_dir, s3)
     base = feature_dir if is_remote(feature_dir) else strip_protocol(feature_dir)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(base)  # s3fs caches listings per process; another driver may have written since
     if not fs.exists(base):
         return set()
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
