@@ -39,7 +39,7 @@ class SweepConfig(StageConfig):
     workdir: str = Field(..., description="project folder (local path or s3:// URI)")
     space: str = Field(..., description="sweep YAML file (search space, objectives; see sweeps/examples/)")
     name: str = Field("sweep", description="sweep name: outputs in <workdir>/sweeps/<name>/")
-    num_samples: int = Field(8, ge=1, description="trials in total (a resumed sweep counts the finished ones)")
+    num_samples: int = Field(8, ge=1, description="trials in total (--resume keeps the number the sweep started with)")
     resume: bool = Field(False, description="continue an interrupted sweep of the same name (Tuner.restore)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: derived from the cluster's CPUs/GPUs")
     cpus_per_trial: float | None = Field(None, gt=0, description="default: derived from the sweep kind and the cluster")
@@ -285,6 +285,18 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
         )
     if cfg.resume and not already:
         log.info("nothing to resume in %s: starting a new sweep", sweep_dir)
+
+    if already and cfg.resume and exists(join(sweep_dir, "config.yaml")):
+        from ..storage import open_file
+        import yaml as _yaml
+
+        with open_file(join(sweep_dir, "config.yaml"), "rb") as f:
+            before = (_yaml.safe_load(f) or {}).get("config", {})
+        n0 = before.get("num_samples")
+        if n0 is not None and n0 != cfg.num_samples:
+            log.warning("sweep %s was started with --num-samples %s; Tune keeps that number on --resume "
+                        "(start a new --name to run more trials)", cfg.name, n0)
+            cfg = cfg.model_copy(update={"num_samples": n0})
 
     ray = ensure_ray()
     clinical, feature_dir = load_inputs(space, cfg.workdir)
