@@ -279,6 +279,11 @@ class TileEmbedder:
         import threading
 
         self._local = threading.local()  # one CUDA stream per calling thread (actor concurrency > 1)
+        if compile:
+            # compile now, on one thread, for the one input shape every forward has (fixed batch,
+            # img_size): concurrent first calls from the actor's threads would race in dynamo
+            s = self.backbone.spec.img_size
+            self.embed(np.zeros((self.batch_size, s, s, 3), np.uint8))
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[n, H, W, 3]`` -> features ``[n, D]`` (storage dtype); forward passes of exactly batch_size."""
