@@ -24,6 +24,7 @@ copied) and a re-run with the same ``run`` name resumes from the last one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -525,7 +526,8 @@ def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_i
     wd_sched = dino.cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
     mom_sched = dino.cosine_schedule(cfg.momentum_teacher, 1.0, total)
     last_layer = dino.last_layer_params(student.head)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -549,7 +551,7 @@ def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_i
             dino.set_schedules(opt, float(lr_sched[step]), float(wd_sched[step]))
             gen = torch.Generator().manual_seed(_seed_of(cfg.seed, "aug", epoch, it, dist_info.rank))
             views = mc(torch.as_tensor(np.ascontiguousarray(batch)), gen, device=device)
-            with amp if amp is not None else _null():
+            with amp():
                 with torch.no_grad():
                     t_out = teacher(views[:2])
                 s_out = model(views)
@@ -616,14 +618,6 @@ def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_i
     if dist_info.rank == 0:
         _publish_outputs(run_dir, teacher, metrics, cfg, extra)
     return {"metrics": metrics, **extra}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _ray_worker(config: dict) -> dict:
