@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -608,11 +607,12 @@ def test_job_runs_across_both_nodes(local_cluster):
         "nodes = {ray.get(where.options(resources={'worker_node': 1}).remote()), ray.get_runtime_context().get_node_id()}\n"
         "print('NODES', len(nodes), len(ray.nodes()))\n"
     )
-    rc, out, err = _submit(local_cluster, "--wait", "--timeout-s", "300", "--submission-id",
+    rc, out, err = _submit(local_cluster, "--follow", "--timeout-s", "300", "--submission-id",
                            f"probe-{uuid.uuid4().hex[:6]}", "--", "python", str(script))
     assert rc == 0, err
     job_id = out.split()[0]
     assert job_id.startswith("probe-") and "SUCCEEDED" in err
+    assert "NODES 2 2" in out  # --follow streamed the driver's output
 
     from raypath.submit import job_logs, job_status, list_jobs
 
@@ -650,8 +650,10 @@ def demo_job(local_cluster):
     # pytest sessions running beside this one prune old tmp_path folders.
     workdir = local_cluster.temp_root / "demo-workdir"
     t0 = time.monotonic()
+    # --no-s3: slides on the workdir's disk, so they outlive the demo (its
+    # embedded S3 endpoint stops with the job) for the node-failure test.
     rc, out, err = _submit(local_cluster, str(JOBS_DIR / "demo-small.yaml"), "--var", f"WORKDIR={workdir}",
-                           "--wait", "--timeout-s", "900")
+                           "--wait", "--timeout-s", "900", "--", "--no-s3")
     print(f"demo job: rc {rc} in {time.monotonic() - t0:.0f} s")
     job_id = out.split()[0] if out.split() else None
     logs = ""
@@ -728,6 +730,7 @@ def test_worker_node_killed_mid_embed_loses_and_duplicates_nothing(local_cluster
             break
         time.sleep(0.2)
     assert killed, f"embed ended ({state}) before the worker node could be killed mid-run:\n" + job_logs(job_id, client=client)[-3000:]
+    assert job_status(job_id, client=client) == "RUNNING", "the job finished before the node died: not a mid-run kill"
     local_cluster.add_worker("worker2", num_cpus=1, resources={"worker_node": 1})
     assert wait_for_job(job_id, client=client, timeout_s=600) == "SUCCEEDED", job_logs(job_id, client=client)[-4000:]
 
