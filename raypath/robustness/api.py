@@ -100,8 +100,8 @@ class RobustnessConfig(StageConfig):
     probe_max_samples: int = Field(20000, description="cap on tiles in the site probe")
     probe_folds: int = Field(5, description="site probe CV folds (grouped by patient)")
     cluster_score_k: int | None = Field(None, description="clustering score k; default: best silhouette in 2..10")
-    cluster_max_samples: int = Field(10000, description="cap on tiles for the clustering score")
-    memory_mb: int = Field(256, description="memory budget of one chunk of the kNN distance matrix")
+    cluster_max_samples: int = Field(5000, description="cap on tiles for the clustering score")
+    memory_mb: int = Field(256, description="memory budget of one chunk of the kNN / pairwise distance matrices")
     plots: bool = Field(True, description="draw plots (t-SNE, purity, RI curve, CRoMa histogram)")
     umap: bool = Field(True, description="also draw a UMAP map when umap-learn is installed")
     gallery: bool = Field(True, description="gallery of tiles near/medium/far from cluster centres (reads slides)")
@@ -458,7 +458,11 @@ def _one(cfg: RobustnessConfig, feature_dir: str, slides: pd.DataFrame, out_dir:
     info["n_tiles_per_centre"] = {str(k): int(v) for k, v in meta[cfg.centre_column].astype("string")
                                   .fillna("NA").value_counts().sort_index().items()} \
         if cfg.centre_column in meta.columns else {}
-    res, arrays = analyse(X, meta, cfg)
+    import sklearn
+
+    # scikit-learn's chunked pairwise code (silhouette) uses the same budget as our kNN
+    with sklearn.config_context(working_memory=cfg.memory_mb):
+        res, arrays = analyse(X, meta, cfg)
     doc = {
         "stage": "robustness",
         "raypath_version": __version__,
