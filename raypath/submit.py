@@ -10,7 +10,7 @@ REST API ``ray job submit`` uses).  What it adds:
 - **address and token from the environment**: ``--address`` or
   ``RAY_ADDRESS`` (the dashboard URL, ``http://HEAD:8265``); a token-auth
   cluster's token from ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH``, or
-  ``~/.ray/auth_token`` with ``RAY_AUTH_MODE=token``, as Ray looks it up).
+  ``~/.ray/auth_token`` unless ``RAY_AUTH_MODE=disabled``, as the ray CLI does).
   The token is sent as a bearer header and never printed or written anywhere.
 
 Job spec format (all keys but ``entrypoint`` optional)::
@@ -202,15 +202,14 @@ def resolve_address(address: str | None = None) -> str:
 
 
 def auth_token() -> str | None:
-    """The cluster token, looked up like Ray does: ``$RAY_AUTH_TOKEN``, else the
-    file in ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` when
-    ``RAY_AUTH_MODE=token``.  ``None`` for a cluster without token auth."""
+    """The cluster token, looked up like the ``ray`` CLI does: ``$RAY_AUTH_TOKEN``,
+    else the file in ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (unless
+    ``RAY_AUTH_MODE=disabled``).  ``None`` when there is none."""
     token = os.environ.get(ENV_TOKEN, "").strip()
     if token:
         return token
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not path and os.environ.get("RAY_AUTH_MODE") == "token":
-        path = str(Path.home() / ".ray" / "auth_token")
     if path:
         try:
             return Path(path).expanduser().read_text().strip() or None
@@ -218,6 +217,14 @@ def auth_token() -> str | None:
             raise RaypathError(
                 f"cannot read the Ray auth token file {path}; set RAY_AUTH_TOKEN or fix RAY_AUTH_TOKEN_PATH"
             ) from None
+    default = Path.home() / ".ray" / "auth_token"
+    if mode != "disabled" and default.is_file():
+        return default.read_text().strip() or None
+    if mode == "token":
+        raise RaypathError(
+            "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or run "
+            "`ray get-auth-token --generate`"
+        )
     return None
 
 

@@ -391,6 +391,18 @@ def test_address_and_token_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(RaypathError, match="RAY_AUTH_TOKEN_PATH"):
         submit.auth_headers()
+    # The default file, as `ray start`/`ray job submit` use it, unless auth is disabled.
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert submit.auth_headers() == {}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(RaypathError, match="get-auth-token"):
+        submit.auth_headers()
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("default-file-token")
+    assert submit.auth_headers() == {"Authorization": "Bearer default-file-token"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert submit.auth_headers() == {}
 
 
 def test_unreachable_cluster_error_names_the_remedy_not_the_token(monkeypatch):
