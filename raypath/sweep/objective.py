@@ -256,7 +256,11 @@ def aggregate(folds: list[dict], n_folds: int) -> dict:
 
 
 def trial_function(config: dict, ctx: TrialContext) -> None:
-    """Ray Tune function trainable: one trial over every fold of the plan."""
+    """Ray Tune function trainable: one trial over every fold of the plan.
+
+    Folds already recorded for this trial id and config (a trial restarted
+    after the driver was killed) are reported again, not recomputed.
+    """
     import torch
     from ray import tune
 
@@ -264,19 +268,57 @@ def trial_function(config: dict, ctx: TrialContext) -> None:
     tag = tune.get_context().get_trial_id()
     audit_plan(ctx.plans, ctx.clinical)
     settings = stage_settings(ctx.space, config, ctx.workdir)
+    done = {f["held_out"]: f for f in read_trial_record(ctx.sweep_dir, config)}
+    if done:
+        log.info("trial %s: reusing %d finished fold(s) %s", tag, len(done), sorted(done))
     folds: list[dict] = []
     n = len(ctx.plans)
     for plan in ctx.plans:
-        folds.append(run_fold(plan, settings, ctx, tag))
-        metrics = aggregate(folds, n)
-        _write_trial_record(ctx, tag, config, folds)
-        tune.report(metrics)
+        fold = done.get(plan.held_out)
+        if fold is None:
+            fold = run_fold(plan, settings, ctx, tag)
+            fold["computed_at"] = time.time()
+            fold["trial_id"] = tag
+            folds.append(fold)
+            _write_trial_record(ctx, tag, config, folds)
+        else:
+            folds.append(fold)
+        tune.report(aggregate(folds, n))
+
+
+def config_key(config: dict) -> str:
+    """Stable id of a trial's sampled config (fold records are stored under it)."""
+    import hashlib
+
+    text = json.dumps(config, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_uri(sweep_dir: str, config: dict) -> str:
+    return join(sweep_dir, "trials", config_key(config), "folds.json")
 
 
 def _write_trial_record(ctx: TrialContext, tag: str, config: dict, folds: list[dict]) -> None:
-    doc = {"trial_id": tag, "config": config, "folds": folds}
-    atomic_write_bytes(join(ctx.sweep_dir, "trials", tag, "folds.json"),
-                       json.dumps(doc, indent=2, default=_json_default).encode())
+    doc = {"trial_id": tag, "config_key": config_key(config), "config": config, "folds": folds}
+    atomic_write_bytes(record_uri(ctx.sweep_dir, config), json.dumps(doc, indent=2, default=_json_default).encode())
+
+
+def read_trial_record(sweep_dir: str, config: dict) -> list[dict]:
+    """Folds already computed for this exact config in this sweep (empty if none).
+
+    Records are keyed by the config, not the trial id: a trial whose result
+    the driver never registered (driver killed right after the trial finished)
+    is suggested again by the restored searcher with the same config, and its
+    folds are reused instead of recomputed.
+    """
+    from ..storage import open_file
+
+    uri = record_uri(sweep_dir, config)
+    if not exists(uri):
+        return []
+    with open_file(uri, "rb") as f:
+        doc = json.load(f)
+    return list(doc.get("folds", []))
 
 
 def _json_default(v):

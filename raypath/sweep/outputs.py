@@ -48,7 +48,7 @@ def error_summary(error: BaseException) -> str:
     return text[:500]
 
 
-def trials_table(grid, space: SweepSpace, n_folds: int) -> pd.DataFrame:
+def trials_table(grid, space: SweepSpace, n_folds: int, sweep_dir: str | None = None) -> pd.DataFrame:
     """One row per trial of a Tune ``ResultGrid``: status, metrics, params."""
     rows = []
     for r in grid:
@@ -84,7 +84,47 @@ def trials_table(grid, space: SweepSpace, n_folds: int) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):
+        df["recovered"] = False
+    if sweep_dir is not None:
+        df = _recover_orphans(df, grid, space, n_folds, sweep_dir)
+    if len(df):
         df = df.sort_values(["trial_index", "trial_id"], na_position="last").reset_index(drop=True)
+    return df
+
+
+def _recover_orphans(df: pd.DataFrame, grid, space: SweepSpace, n_folds: int, sweep_dir: str) -> pd.DataFrame:
+    """Add trials that finished every fold but that Tune never registered (the
+    driver was killed between the trial's end and its next state save), from
+    their fold records, with ``recovered=True``."""
+    from ..storage import filesystem_for, is_remote, open_file, strip_protocol
+    from .objective import aggregate, config_key
+
+    known = {config_key(dict(r.config or {})) for r in grid}
+    base = join(sweep_dir, "trials")
+    fs = filesystem_for(base)
+    target = base if is_remote(base) else strip_protocol(base)
+    if not fs.exists(target):
+        return df
+    extra = []
+    for p in fs.ls(target, detail=False):
+        key = p.rstrip("/").rsplit("/", 1)[-1]
+        uri = join(base, key, "folds.json")
+        if key in known or not fs.exists(uri if is_remote(uri) else strip_protocol(uri)):
+            continue
+        with open_file(uri, "rb") as f:
+            doc = json.load(f)
+        if len(doc.get("folds", [])) != n_folds:
+            continue
+        m = aggregate(doc["folds"], n_folds)
+        row = {"trial_id": doc["trial_id"], "trial_index": math.nan, "status": "complete", "error": None,
+               "folds_done": n_folds, "recovered": True}
+        row.update({k: v for k, v in m.items() if k not in ("folds_done", "complete")})
+        for k, v in decode_params(space, doc["config"]).items():
+            row[f"param:{k}"] = "+".join(map(str, v)) if isinstance(v, list) else v
+        extra.append(row)
+    if extra:
+        log.info("recovered %d finished trial(s) the driver had not registered", len(extra))
+        df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
     return df
 
 
@@ -344,8 +384,8 @@ def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir
     from .api import SweepResult
 
     n_folds = len(plans)
-    df = mark_front(trials_table(grid, space, n_folds), space)
-    _add_fold_epochs(df, sweep_dir)
+    df = mark_front(trials_table(grid, space, n_folds, sweep_dir), space)
+    _add_fold_epochs(df, grid, sweep_dir)
     table = df.copy()
     for c in table.columns:  # parquet wants one type per column
         if table[c].map(lambda v: isinstance(v, (list, dict))).any():
@@ -400,17 +440,19 @@ def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir
     return SweepResult(sweep_dir, df, best_doc, n_folds)
 
 
-def _add_fold_epochs(df: pd.DataFrame, sweep_dir: str) -> None:
-    """Selected epochs per fold from each trial's folds.json (inner selection)."""
-    from ..storage import exists, open_file
+def _add_fold_epochs(df: pd.DataFrame, grid, sweep_dir: str) -> None:
+    """Selected epochs per fold from each trial's fold record (inner selection)."""
+    from .objective import read_trial_record
 
+    configs = {}
+    for r in grid:
+        m = dict(r.metrics or {})
+        if m.get("trial_id"):
+            configs[str(m["trial_id"])] = dict(r.config or {})
     for i, tid in df["trial_id"].items():
-        uri = join(sweep_dir, "trials", str(tid), "folds.json")
-        if not exists(uri):
+        if tid not in configs:
             continue
-        with open_file(uri, "rb") as f:
-            doc = json.load(f)
-        for fold in doc.get("folds", []):
+        for fold in read_trial_record(sweep_dir, configs[tid]):
             if fold.get("epoch") is not None:
                 col = f"epoch_{fold['held_out']}"
                 if col not in df:
