@@ -27,7 +27,15 @@ import fsspec
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_PROFILE = "AWS_PROFILE"
 
-_SECRET_KEYS = re.compile(r"(secret|token|password|key_id|access_key|credential)", re.I)
+# Matched against the whole key or its words: "hf_token" and "aws_secret_access_key"
+# are secrets, "num_register_tokens" is not.
+_SECRET_WORDS = {"secret", "token", "password", "passwd", "credential", "credentials", "apikey"}
+_SECRET_PARTS = ("access_key", "key_id", "secret")
+
+
+def _is_secret_key(key: str) -> bool:
+    k = str(key).lower()
+    return any(p in k for p in _SECRET_PARTS) or bool(_SECRET_WORDS & set(re.split(r"[^a-z0-9]+", k)))
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,7 @@ def redact(value: Any) -> Any:
     """
     if isinstance(value, dict):
         return {
-            k: ("***" if _SECRET_KEYS.search(str(k)) and v not in (None, "") else redact(v))
+            k: ("***" if _is_secret_key(k) and v not in (None, "") else redact(v))
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):

@@ -35,6 +35,8 @@ def test_redact_masks_secrets_and_url_credentials():
         "nested": [{"password": "p"}],
         "uri": "s3://user:pass@host/bucket",
         "tile_px": 224,
+        "num_register_tokens": 4,
+        "RAY_AUTH_TOKEN": "t",
     }
     out = redact(doc)
     assert out["aws_secret_access_key"] == "***"
@@ -42,6 +44,8 @@ def test_redact_masks_secrets_and_url_credentials():
     assert out["nested"][0]["password"] == "***"
     assert "pass" not in out["uri"]
     assert out["tile_px"] == 224
+    assert out["num_register_tokens"] == 4
+    assert out["RAY_AUTH_TOKEN"] == "***"
 
 
 def test_parquet_round_trip_on_embedded_s3(s3_server):
