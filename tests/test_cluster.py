@@ -608,7 +608,7 @@ def _submit(cluster, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
-def test_job_runs_across_both_nodes(local_cluster):
+def test_job_runs_across_both_nodes(local_cluster, capsys):
     """`raypath submit -- CMD` runs the command as a Ray job whose tasks reach
     the second node; status, logs and list report it."""
     script = local_cluster.temp_root / "probe.py"
@@ -619,8 +619,12 @@ def test_job_runs_across_both_nodes(local_cluster):
         "nodes = {ray.get(where.options(resources={'worker_node': 1}).remote()), ray.get_runtime_context().get_node_id()}\n"
         "print('NODES', len(nodes), len(ray.nodes()))\n"
     )
-    rc, out, err = _submit(local_cluster, "--follow", "--timeout-s", "300", "--submission-id",
-                           f"probe-{uuid.uuid4().hex[:6]}", "--", "python", str(script))
+    # In-process CLI (the demo job below goes through the `raypath` executable).
+    args = _submit_parser().parse_args(
+        ["submit", "--address", local_cluster.address, "--follow", "--timeout-s", "300",
+         "--submission-id", f"probe-{uuid.uuid4().hex[:6]}", "--", "python", str(script)])
+    rc = args.func(args)
+    out, err = capsys.readouterr()
     assert rc == 0, err
     job_id = out.split()[0]
     assert job_id.startswith("probe-") and "SUCCEEDED" in err
