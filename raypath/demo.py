@@ -61,6 +61,15 @@ def _stage(name: str):
     return _T()
 
 
+def _c_index_table(table):
+    """The headline rows of a MIL result: C-index per split group and set
+    (external = the held-out cohort; internal = held-out patients of the
+    training cohorts, all of them together)."""
+    t = table[(table["metric"] == "c_index") & ((table["set"] == "external") | (table["cohort"] == "all"))]
+    t = t.assign(c_index=[f"{m:.3f} +- {s:.3f}" for m, s in zip(t["mean"], t["sd"].fillna(0.0))])
+    return t[["name", "set", "cohort", "c_index", "n"]].rename(columns={"name": "fold", "n": "repeats"})
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -145,8 +154,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                             )
                         )
                     summary["mil"][protocol] = str(res.run_dir)
-                    print(f"[demo] ABMIL survival, {protocol} (C-index, mean over repeats):")
-                    print(res.table().to_string(index=False), flush=True)
+                    print(f"[demo] ABMIL survival, protocol {protocol}: Harrell's C-index, mean +- sd over repeats")
+                    print(_c_index_table(res.table()).to_string(index=False), flush=True)
             if _available("raypath.robustness.api"):
                 from .robustness.api import RobustnessConfig, run_robustness
 
