@@ -77,7 +77,7 @@ def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: 
 
 def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, ray_dir: str):
     from ..features import FeatureStore
-    from ..mil.api import MilConfig, params_from_config
+    from ..mil.api import params_from_config
     from ..mil.protocols import run_protocol
 
     cfg = mil_config(mil_settings, feature_dir, plan.held_out)
