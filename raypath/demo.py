@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -24,12 +23,13 @@ from typing import Literal
 from pydantic import Field
 
 from .config import StageConfig, add_config_arguments, config_from_args
+from .storage import atomic_write_bytes, is_remote, join, makedirs
 
 log = logging.getLogger(__name__)
 
 
 class DemoConfig(StageConfig):
-    workdir: str = Field("demo_out", description="local folder for all outputs")
+    workdir: str = Field("demo_out", description="folder or s3:// prefix for all outputs (s3:// on multi-node clusters)")
     n_cohorts: int = Field(3, description="cohorts (sites) in the generated study")
     slides_per_cohort: int = Field(12, description="slides per cohort")
     slide_px: int = Field(2048, description="level-0 side of each generated slide, px")
@@ -79,8 +79,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     ``<workdir>/demo_summary.json``)."""
     from .ray_env import ensure_ray
 
-    workdir = str(Path(cfg.workdir).resolve())
-    os.makedirs(workdir, exist_ok=True)
+    # A cluster run keeps its workdir on object storage (every node sees it).
+    workdir = cfg.workdir if is_remote(cfg.workdir) else str(Path(cfg.workdir).resolve())
+    makedirs(workdir)
     if cfg.small:
         cfg = cfg.model_copy(update=dict(slides_per_cohort=min(cfg.slides_per_cohort, 5), slide_px=min(cfg.slide_px, 1024), mil_epochs=min(cfg.mil_epochs, 8), mil_repeats=1))
     cfg.save(workdir, "demo_config.yaml")
@@ -96,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         elif cfg.bucket:
             study_uri = cfg.bucket.rstrip("/") + "/study"
         else:
-            study_uri = str(Path(workdir) / "study")
+            study_uri = join(workdir, "study")
         summary["study_uri"] = study_uri
         ensure_ray()
 
@@ -126,7 +127,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         with _stage("tile + QC"):
             tiles = tile(TileConfig(workdir=workdir))
         summary["tiles"] = int(len(tiles))
-        print(f"[demo] QC images in {workdir}/qc/")
+        print(f"[demo] QC images in {join(workdir, 'qc')}")
 
         if _available("raypath.embed"):
             from .embed import EmbedConfig, embed
@@ -178,7 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     finally:
         if server is not None:
             server.stop()
-    Path(workdir, "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(join(workdir, "demo_summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 
 

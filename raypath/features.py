@@ -289,3 +289,41 @@ def export_h5(
             os.remove(local)
             written.append(uri)
     return written
+
+
+def resolve_feature_dir(workdir: str | None, features: str | None = None, s3: S3Options | None = None) -> str:
+    """The feature folder meant by ``features``.
+
+    ``features`` may be a folder path or URI (returned as given), a full model
+    key (``uni-1a2b3c4d``), a registry key (``uni``: the unique
+    ``features/uni-*`` folder), or ``None`` (the only store under
+    ``<workdir>/features``).  Anything ambiguous or missing is an error that
+    lists what exists.
+    """
+    if features and ("/" in features or "://" in features or features.startswith(".")):
+        return features.rstrip("/")
+    if not workdir:
+        raise RaypathError(f"--features {features!r} is a model key: also pass --workdir, or give the feature folder")
+    base = join(workdir, "features")
+    fs = filesystem_for(base, s3)
+    target = base if is_remote(base) else strip_protocol(base)
+    keys: list[str] = []
+    if fs.exists(target):
+        keys = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(target, detail=False) if fs.isdir(p))
+    if features:
+        if features in keys:
+            return join(base, features)
+        matches = [k for k in keys if k.startswith(features + "-")]
+        if len(matches) == 1:
+            return join(base, matches[0])
+        found = matches or keys
+        raise RaypathError(
+            f"{'several' if matches else 'no'} feature stores for {features!r} under {base!r} "
+            f"(found {found or 'none'}): pass the full model key or the folder, or run `raypath embed` first"
+        )
+    if len(keys) != 1:
+        raise RaypathError(
+            f"no unique feature store under {base!r} (found {keys or 'none'}): pass --features "
+            "with a model key or a feature folder"
+        )
+    return join(base, keys[0])

@@ -184,7 +184,7 @@ def test_run_mil_writes_outputs_and_cli(tmp_path, capsys):
     assert "internal" in out and (tmp_path / "runs" / "cli" / "metrics.json").exists()
     rc = main(["mil", "--workdir", str(tmp_path), "--features", "nope", "--epochs", "1"])
     assert rc == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "no feature stores for 'nope'" in capsys.readouterr().err
     assert main(["mil", "--features", "synth"]) == 2
     assert "needs --workdir" in capsys.readouterr().err
 

@@ -71,3 +71,20 @@ def test_feature_store_round_trip(tmp_path, s3_server, where):
     np.testing.assert_array_equal(bag.coords, coords)
     X, meta = store.sample_tiles(tiles_per_slide=3, seed=1)
     assert X.shape == (3, 5) and list(meta.columns) == ["slide_id", "tile_id", "x", "y"]
+
+
+def test_feature_dir_resolution_by_registry_key(tmp_path):
+    from raypath.errors import RaypathError
+    from raypath.features import resolve_feature_dir
+
+    feats = np.zeros((2, 3), np.float32)
+    for key in ("uni-1a2b3c4d", "phikon-00000000", "phikon-11111111"):
+        write_bag_table(str(tmp_path / "features" / key), "s1", np.arange(2), np.zeros((2, 2)), feats)
+    wd = str(tmp_path)
+    assert resolve_feature_dir(wd, "uni").endswith("features/uni-1a2b3c4d")
+    assert resolve_feature_dir(wd, "phikon-11111111").endswith("features/phikon-11111111")
+    with pytest.raises(RaypathError, match="several feature stores for 'phikon'"):
+        resolve_feature_dir(wd, "phikon")
+    with pytest.raises(RaypathError, match="no unique feature store"):
+        resolve_feature_dir(wd, None)
+    assert resolve_feature_dir(wd, "./x/") == "./x"

@@ -111,14 +111,10 @@ def params_from_config(cfg: MilConfig) -> TrainParams:
 
 
 def resolve_feature_dir(cfg: MilConfig) -> str:
-    """``cfg.features`` as a folder: a path/URI as given, else a model key
-    under ``<workdir>/features/``."""
-    f = cfg.features
-    if "://" in f or os.path.isabs(f) or os.sep in f or "/" in f:
-        return f
-    if os.path.isdir(f):
-        return f
-    return join(cfg.workdir, "features", f)
+    """``cfg.features`` as a folder (see :func:`raypath.features.resolve_feature_dir`)."""
+    from ..features import resolve_feature_dir as _resolve
+
+    return _resolve(cfg.workdir, cfg.features)
 
 
 def load_clinical(cfg: MilConfig, slide_ids_with_features: list[str]) -> pd.DataFrame:

@@ -39,10 +39,8 @@ from ..storage import (
     S3Options,
     atomic_write_bytes,
     exists,
-    is_remote,
     join,
     read_parquet,
-    strip_protocol,
 )
 from . import metrics as M
 
@@ -114,25 +112,11 @@ class RobustnessConfig(StageConfig):
 
 
 def resolve_feature_dir(workdir: str, features: str | None) -> str:
-    """A feature folder from a path/URI or a model key under ``<workdir>/features``."""
-    if features and ("/" in features or "://" in features or features.startswith(".")):
-        return features.rstrip("/")
-    base = join(workdir, "features")
-    if features:
-        return join(base, features)
-    from ..storage import filesystem_for
+    """A feature folder from a path/URI, a model key, or the only store under
+    ``<workdir>/features`` (see :func:`raypath.features.resolve_feature_dir`)."""
+    from ..features import resolve_feature_dir as _resolve
 
-    fs = filesystem_for(base)
-    target = base if is_remote(base) else strip_protocol(base)
-    keys = []
-    if fs.exists(target):
-        keys = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(target, detail=False) if fs.isdir(p))
-    if len(keys) != 1:
-        raise RaypathError(
-            f"no unique feature store under {base!r} (found {keys or 'none'}): pass --features "
-            "with a model key or a feature folder"
-        )
-    return join(base, keys[0])
+    return _resolve(workdir, features)
 
 
 def load_slides(workdir: str, s3: S3Options | None = None) -> pd.DataFrame:
