@@ -44,6 +44,11 @@ class DemoConfig(StageConfig):
     mil_epochs: int = Field(20, description="ABMIL epochs per fold")
     mil_repeats: int = Field(2, description="repeats over seeds per protocol")
     small: bool = Field(False, description="a smaller, faster study (tests, cluster smoke runs)")
+    sweep: bool = Field(False, description="also run a CPU-sized Ray Tune + Optuna MIL sweep (nested LODO)")
+    sweep_space: str = Field(
+        "sweeps/examples/mil_small.yaml", description="sweep YAML for --sweep (relative to the repository or cwd)"
+    )
+    sweep_samples: int = Field(4, description="trials of the --sweep step")
 
 
 def _stage(name: str):
@@ -68,6 +73,16 @@ def _c_index_table(table):
     t = table[(table["metric"] == "c_index") & ((table["set"] == "external") | (table["cohort"] == "all"))]
     t = t.assign(c_index=[f"{m:.3f} +- {s:.3f}" for m, s in zip(t["mean"], t["sd"].fillna(0.0))])
     return t[["name", "set", "cohort", "c_index", "n"]].rename(columns={"name": "fold", "n": "repeats"})
+
+
+def _find_space(path: str) -> str:
+    """A sweep file given relative to the cwd or to the raypath checkout."""
+    for cand in (Path(path), Path(__file__).resolve().parents[1] / path):
+        if cand.exists():
+            return str(cand)
+    from .errors import RaypathError
+
+    raise RaypathError(f"sweep file {path!r} not found: pass --sweep-space PATH (see sweeps/examples/ in the repository)")
 
 
 def _available(module: str) -> bool:
@@ -170,6 +185,22 @@ def run_demo(cfg: DemoConfig) -> dict:
                     print("[demo] robustness of the features (see docs/robustness.md for how to read them):")
                     for k, v in head.items():
                         print(f"    {k:32s} {v:.3f}" if isinstance(v, float) else f"    {k:32s} {v}")
+            if cfg.sweep:
+                from .sweep.api import SweepConfig, run_sweep
+
+                with _stage(f"sweep ({cfg.sweep_samples} trials)"):
+                    sw = run_sweep(
+                        SweepConfig(
+                            workdir=workdir,
+                            space=_find_space(cfg.sweep_space),
+                            name="demo-sweep",
+                            num_samples=cfg.sweep_samples,
+                            features=str(emb.feature_dir),
+                        )
+                    )
+                summary["sweep"] = str(sw.sweep_dir)
+                if sw.best:
+                    print(f"[demo] best trial: {json.dumps(sw.best, default=str)[:400]}")
             if _available("raypath.report"):
                 from .report import write_workdir_report
 
