@@ -727,10 +727,13 @@ def test_worker_node_killed_mid_embed_loses_and_duplicates_nothing(local_cluster
     expected = {sid: set(g["tile_id"]) for sid, g in tiles.groupby("slide_id")}
     feature_dir = workdir / "features-nodefail"
     client = job_client(local_cluster.address)
-    # Small batches: slides finish one by one, so there is a "middle" to kill in.
+    # Small batches keep the job running long enough to be killed in the middle.
+    # The driver writes feature files as slides complete, which on an idle
+    # machine can be one burst at the end: so "mid-run" = embedding work alive
+    # on the worker node and not every slide written yet.
     job_id = submit_job(
         f"raypath embed --workdir {shlex.quote(str(workdir))} --model tiny-vit "
-        f"--feature-dir {shlex.quote(str(feature_dir))} --batch-size 4 --progress-interval-s 1",
+        f"--feature-dir {shlex.quote(str(feature_dir))} --batch-size 2 --progress-interval-s 1",
         client=client,
     )
     (worker,) = [n for n in local_cluster.alive_nodes() if "worker_node" in n["resources_total"]]
@@ -741,7 +744,7 @@ def test_worker_node_killed_mid_embed_loses_and_duplicates_nothing(local_cluster
         done = len(list(feature_dir.glob("*.parquet")))
         if state in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
-        if 0 < done < len(expected) and _alive_work_on(local_cluster, worker["node_id"]):
+        if done < len(expected) and _alive_work_on(local_cluster, worker["node_id"]):
             killed = (done, local_cluster.kill_node("worker"))
             break
         time.sleep(0.2)

@@ -305,5 +305,6 @@ def test_cli_json_and_errors(tmp_path, cmu_slide, capsys):
     assert out["headline"]["robustness_index"] > 0.7
     rc = main(["robustness", "--workdir", str(tmp_path / "nowhere"), "--features", "fm"])
     assert rc == 2
-    assert "raypath ingest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nowhere" in err and ("raypath ingest" in err or "raypath embed" in err)  # names input and remedy
     assert not (tmp_path / "nowhere").exists()  # nothing written for a bad input
