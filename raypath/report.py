@@ -313,7 +313,11 @@ def render_run(run_dir: str, s3: S3Options | None = None) -> str:
     if "config.yaml" in files:
         body.append(_details("config.yaml (resolved settings)", folder.read("config.yaml").decode()))
     for jf in [f for f in files if f.endswith(".json")]:
-        body.append(_details(jf, folder.read(jf).decode()))
+        try:  # Ray Tune keeps pickled state under .json names: not provenance a person reads
+            text = folder.read(jf).decode()
+        except UnicodeDecodeError:
+            continue
+        body.append(_details(jf, text))
     return _page(f"raypath run: {name}", body)
 
 

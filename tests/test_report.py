@@ -147,3 +147,15 @@ def test_robustness_and_report_on_s3(s3_server, robust_workdir):
     uris = report(out["run_dir"])
     html = fs.cat_file(uris[0]).decode()
     assert fs.cat_file(f"{out['run_dir']}/tsne.png") in _inlined(html)
+
+
+def test_run_report_skips_binary_files_named_json(tmp_path):
+    """Ray Tune writes pickled search state as *.json inside sweep folders."""
+    from raypath.report import render_run
+
+    run = tmp_path / "sweeps" / "s"
+    (run / "tune").mkdir(parents=True)
+    (run / "sweep.json").write_text('{"best": 0.8}')
+    (run / "tune" / "search_gen_state.json").write_bytes(b"\x80\x04\x95binary")
+    html = render_run(str(run))
+    assert "sweep.json" in html and "search_gen_state" not in html
