@@ -1,8 +1,10 @@
 """The ``raypath`` command: one verb per stage, a thin layer over the Python API.
 
-Each stage module exposes ``add_cli(subparsers)`` that registers its verb and
-sets ``func`` to a function taking the parsed arguments.  This file only
-collects them, so adding a verb never touches another stage's code.
+Each stage module exposes ``add_cli(subparsers)`` that registers its verb(s)
+with ``--help`` and sets ``func``.  This file only knows which module owns
+which verb, and imports a module only when its verb is used: ``raypath
+--help`` stays fast (no torch, Ray or scikit-learn import) and adding a verb
+never touches another stage's code.
 """
 
 from __future__ import annotations
@@ -15,45 +17,61 @@ import sys
 from . import __version__
 from .errors import RaypathError
 
-#: Modules that contribute verbs, in the order they appear in ``--help``.
-VERB_MODULES = [
-    "raypath.demo",
-    "raypath.synth",
-    "raypath.ingest",
-    "raypath.tiling",
-    "raypath.embed",
-    "raypath.adapt",
-    "raypath.mil.cli",
-    "raypath.robustness.cli",
-    "raypath.sweep",
-    "raypath.report",
-    "raypath.s3cli",
-    "raypath.submit",
-    "raypath.augment",
-]
+#: verb -> (module that registers it, one-line help for ``raypath --help``),
+#: in the order they appear in ``--help``.
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("raypath.demo", "run the whole pipeline on a generated study (local Ray, embedded S3, tiny model)"),
+    "synth": ("raypath.synth", "generate a multi-cohort synthetic study (pyramidal JPEG TIFF slides + cohort table)"),
+    "ingest": ("raypath.ingest", "validate the cohort table and record every slide's metadata in slides.parquet"),
+    "tile": ("raypath.tiling", "segment tissue and lay a tile grid at a target mpp (tiles.parquet + QC PNGs)"),
+    "embed": ("raypath.embed", "embed tiles with a foundation model (Ray Data actor pool) -> features/<model_key>/"),
+    "export-h5": ("raypath.embed", "export a feature folder to one .h5 per slide (CLAM/TRIDENT layout)"),
+    "adapt": ("raypath.adapt", "DoRA/LoRA-tune a foundation model by DINO self-distillation under strong augmentation"),
+    "adapt-experiment": ("raypath.adapt", "embed before/after adaptation; site probe, purity, LODO C-index side by side"),
+    "augment-preview": ("raypath.augment", "write a PNG grid of augmented views of real tiles"),
+    "mil": ("raypath.mil.cli", "train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)"),
+    "robustness": ("raypath.robustness.cli", "site probe, KMeans cohort purity, RI, CRoMa, t-SNE of a feature store"),
+    "sweep": ("raypath.sweep", "Ray Tune + Optuna search over adapter/MIL settings under nested LODO"),
+    "report": ("raypath.report", "self-contained HTML report of a run, a comparison, or a whole workdir"),
+    "submit": ("raypath.submit", "run raypath on a Ray cluster as a Ray job (submit, status, logs, stop, list)"),
+    "s3": ("raypath.s3cli", "serve a local folder as an S3 bucket (embedded endpoint)"),
+}
+
+#: Kept for code that lists the stage modules.
+VERB_MODULES = list(dict.fromkeys(m for m, _ in VERBS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_verb(argv: list[str]) -> str | None:
+    for tok in argv:
+        if not tok.startswith("-"):
+            return tok if tok in VERBS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: the full definition of the requested verb's
+    module, one-line entries for the others."""
+    argv = argv or []
     parser = argparse.ArgumentParser(
         prog="raypath",
-        description="Robust pathology foundation-model features on Ray.",
+        description="Robust pathology foundation-model features on Ray. `raypath VERB --help` for a verb's options.",
     )
     parser.add_argument("--version", action="version", version=f"raypath {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for name in VERB_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # stage not built yet
-            raise
-        mod.add_cli(sub)
+    verb = _requested_verb(argv)
+    loaded = VERBS[verb][0] if verb else None
+    if loaded:
+        importlib.import_module(loaded).add_cli(sub)
+    for name, (module, help_text) in VERBS.items():
+        if module != loaded:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

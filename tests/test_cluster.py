@@ -135,7 +135,7 @@ def _check_parses(argv: list[str]) -> None:
     from raypath.cli import build_parser
 
     assert argv[0] == "raypath", f"entrypoint commands start with raypath: {argv}"
-    parser = build_parser()
+    parser = build_parser(argv[1:])
     verbs = parser._subparsers._group_actions[0].choices  # the registered verbs
     if argv[1] not in verbs:
         pytest.skip(f"`raypath {argv[1]}` is not in this checkout yet")

@@ -57,5 +57,24 @@ def test_cli_help_lists_every_verb(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for verb in ("demo", "s3"):
-        assert verb in out
+    for verb in ("demo", "synth", "ingest", "tile", "embed", "adapt", "mil", "robustness", "sweep", "report", "submit", "s3"):
+        assert f"    {verb} " in out
+
+
+def test_top_level_help_is_fast_and_verb_help_is_full():
+    """`raypath --help` imports no stage (no torch/Ray); `raypath VERB --help` shows the verb's own flags."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from raypath.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'sklearn') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    out = subprocess.run([sys.executable, "-m", "raypath.cli", "tile", "--help"], capture_output=True, text=True).stdout
+    assert "--target-mpp" in out and "--min-tissue-fraction" in out
