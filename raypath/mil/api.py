@@ -110,6 +110,21 @@ def params_from_config(cfg: MilConfig) -> TrainParams:
     )
 
 
+def protocol_kwargs(cfg: MilConfig, **overrides: Any) -> dict[str, Any]:
+    """The :func:`~raypath.mil.protocols.run_protocol` keyword arguments a
+    config decides (splits, repeats, workers); ``overrides`` win."""
+    kw: dict[str, Any] = dict(
+        folds=cfg.folds,
+        repeats=cfg.repeats,
+        seed=cfg.seed,
+        internal_fraction=cfg.internal_fraction,
+        cohorts=cfg.cohorts,
+        num_workers=cfg.num_workers,
+    )
+    kw.update(overrides)
+    return kw
+
+
 def resolve_feature_dir(cfg: MilConfig) -> str:
     """``cfg.features`` as a folder (see :func:`raypath.features.resolve_feature_dir`)."""
     from ..features import resolve_feature_dir as _resolve
@@ -235,16 +250,13 @@ def run_mil(cfg: MilConfig) -> MilResult:
         clinical,
         params_from_config(cfg),
         cfg.protocol,
-        folds=cfg.folds,
-        repeats=cfg.repeats,
-        seed=cfg.seed,
-        internal_fraction=cfg.internal_fraction,
-        cohorts=cfg.cohorts,
-        num_workers=cfg.num_workers,
-        checkpoint_dir=checkpoint_dir,
-        ray_storage_path=join(run_dir, "ray"),
-        ray_name=f"train-{fp}",
-        use_gpu=cfg.use_gpu,
+        **protocol_kwargs(
+            cfg,
+            checkpoint_dir=checkpoint_dir,
+            ray_storage_path=join(run_dir, "ray"),
+            ray_name=f"train-{fp}",
+            use_gpu=cfg.use_gpu,
+        ),
     )
     write_outputs(out, cfg, run_dir)
     return MilResult(str(run_dir), out.summary, out.predictions, out.curves, out.fold_metrics)

@@ -315,23 +315,12 @@ def evaluate_lodo(store_or_bags, clinical: pd.DataFrame, cfg) -> dict:
     ``{"metric", "per_cohort": {cohort: mean external score}, "mean",
     "worst", "worst_cohort", "internal": {cohort: summary}, "summary"}``.
     """
-    from .api import params_from_config
+    from .api import params_from_config, protocol_kwargs
 
     df = clinical
     if "status" in df.columns:
         df = df[df["status"].astype(str) == "ok"]
-    out = run_protocol(
-        store_or_bags,
-        df,
-        params_from_config(cfg),
-        "lodo",
-        folds=cfg.folds,
-        repeats=cfg.repeats,
-        seed=cfg.seed,
-        internal_fraction=cfg.internal_fraction,
-        cohorts=cfg.cohorts,
-        num_workers=cfg.num_workers,
-    )
+    out = run_protocol(store_or_bags, df, params_from_config(cfg), "lodo", **protocol_kwargs(cfg))
     s = out.summary
     return {
         "metric": s["metric"],

@@ -77,7 +77,7 @@ def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: 
 
 def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, ray_dir: str):
     from ..features import FeatureStore
-    from ..mil.api import params_from_config
+    from ..mil.api import params_from_config, protocol_kwargs
     from ..mil.protocols import run_protocol
 
     cfg = mil_config(mil_settings, feature_dir, plan.held_out)
@@ -86,9 +86,7 @@ def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, pla
     rows = clinical[clinical["slide_id"].astype(str).isin(have)].reset_index(drop=True)
     out = run_protocol(
         store, rows, params_from_config(cfg), "lodo",
-        folds=cfg.folds, repeats=cfg.repeats, seed=cfg.seed,
-        internal_fraction=cfg.internal_fraction, cohorts=[plan.held_out],
-        num_workers=cfg.num_workers, ray_storage_path=ray_dir, use_gpu=cfg.use_gpu,
+        **protocol_kwargs(cfg, cohorts=[plan.held_out], ray_storage_path=ray_dir, use_gpu=cfg.use_gpu),
     )
     ids = rows["slide_id"].astype(str).to_numpy()
     for sp in out.splits:
