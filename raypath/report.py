@@ -365,6 +365,24 @@ def render_side_by_side(run_a: str, run_b: str, s3: S3Options | None = None,
     return _page(f"raypath comparison: {la} vs {lb}", body)
 
 
+def _mil_line(doc: dict) -> str | None:
+    """One line for a MIL run: held-out scores per cohort (lodo/pairwise) or the CV score."""
+    s = doc.get("summary") or {}
+    metric = s.get("metric", "score")
+    head = f"{_e(doc.get('task', ''))}, {_e(doc.get('protocol', ''))}, {doc.get('n_slides', '?')} slides: "
+    per = ", ".join(f"{_e(c)} {_fmt(v)}" for c, v in (s.get("per_cohort") or {}).items())
+    if doc.get("protocol") == "internal":
+        cv = s.get("internal") or {}
+        if cv.get("mean") is None:
+            return None
+        by = f"; by cohort {per}" if per else ""
+        return head + f"{_e(metric)} {_fmt(cv['mean'])} &plusmn; {_fmt(cv.get('sd'))} (n={cv.get('n')}){by}"
+    if not per:
+        return None
+    tail = f"; mean {_fmt(s.get('mean'))}, worst {_fmt(s.get('worst'))}" if s.get("mean") is not None else ""
+    return head + f"held-out {_e(metric)} {per}{tail}"
+
+
 def _run_summary(folder: _Folder, rel: str, s3: S3Options | None = None) -> str:
     sub = _Folder(join(folder.uri, rel), s3)
     try:
@@ -380,6 +398,11 @@ def _run_summary(folder: _Folder, rel: str, s3: S3Options | None = None) -> str:
             return "; ".join(f"{METRIC_HELP[k][0]} {_fmt(h.get(k))}"
                              for k in ("site_probe_balanced_accuracy", "kmeans_purity", "robustness_index",
                                        "croma_median"))
+        if "metrics.json" in names:
+            doc = sub.json("metrics.json")
+            line = _mil_line(doc) if isinstance(doc, dict) and "protocol" in doc else None
+            if line:
+                return line
         for jf in ("metrics.json", "best.json", "summary.json"):
             if jf in names:
                 flat = _flatten(sub.json(jf))

@@ -39,6 +39,7 @@ def test_demo_runs_end_to_end_over_s3(tmp_path, ray_session, s3_server):
         assert metrics["protocol"] == protocol
     assert (Path(summary["robustness"]) / "robustness.json").exists()
     index = Path(summary["report"]).read_text()  # links one self-contained page per run
+    assert "survival, lodo" in index and "held-out c_index" in index  # MIL headline, not raw JSON keys
     for run in ("mil-lodo", "mil-internal", "robustness"):
         assert f"runs/{run}/report.html" in index
         assert "<img" in (wd / "runs" / run / "report.html").read_text()
