@@ -2,7 +2,7 @@
 
 Two slide sources:
 
-* ``synth_slide``: a slide from :mod:`raypath.synth` (rendered H&E, the project's
+* ``synth_slide``: a slide from :mod:`raypath.synth.study` (rendered H&E, the project's
   synthetic cohort generator), cached in ``$RAYPATH_BENCH_CACHE`` (default
   ``/tmp/raypath-bench``) because a 10k x 10k render takes ~15-30 s;
 * ``mosaic_slide``: a fast Aperio-like slide tiled from the real H&E image
@@ -29,8 +29,8 @@ APERIO = "Aperio Image Library v12.0.0\r\n{w}x{h} (256x256) JPEG/RGB Q={q}|AppMa
 
 
 def synth_slide(slide_px: int, seed: int = 0) -> Path:
-    """A cached raypath.synth slide of ``slide_px`` x ``slide_px`` (level 0, 256 px JPEG tiles)."""
-    from raypath.synth import SynthConfig, synthesize
+    """A cached raypath.synth.study slide of ``slide_px`` x ``slide_px`` (level 0, 256 px JPEG tiles)."""
+    from raypath.synth.study import SynthConfig, synthesize
 
     out = CACHE / f"synth_{slide_px}_{seed}"
     done = out / "cohort.csv"

@@ -51,7 +51,7 @@ def slides(n: int, px: int) -> list[tuple[str, Path]]:
 
 
 def model_only(model: str, batch: int, n_tiles: int) -> float:
-    from raypath.embed import TileEmbedder
+    from raypath.embed.api import TileEmbedder
 
     emb = TileEmbedder(model, "random", None, batch, device="cpu", num_threads=1)
     imgs = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
@@ -68,7 +68,7 @@ def naive(model: str, batch: int, sdf, tdf) -> float:
     import openslide
     import torch
 
-    from raypath.embed import TileEmbedder
+    from raypath.embed.api import TileEmbedder
 
     torch.set_num_threads(1)
     emb = TileEmbedder(model, "random", None, batch, device="cpu", num_threads=1)
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.slides, args.slide_px, args.reps, args.naive_slides = 4, 4096, 1, 1
 
-    from raypath.embed import EmbedConfig, embed
-    from raypath.ray_env import ensure_ray
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.io.ray_env import ensure_ray
 
     ensure_ray()
     root = Path(tempfile.mkdtemp(prefix="raypath-embed-bench-"))

@@ -56,7 +56,7 @@ def model_only(key: str, batch: int, seconds: float, compile: bool, device: str 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raypath.embed import TileEmbedder
+    from raypath.embed.api import TileEmbedder
 
     emb = TileEmbedder(key, "random", None, batch, device=device, amp=amp, compile=compile)
     x1 = emb.backbone.preprocess(torch.zeros(1, 224, 224, 3, dtype=torch.uint8)).to(emb.input_dtype)
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     per_slide = len(tdf) // len(sdf)
     print(f"[{len(sdf)} slides x {per_slide} tiles written in {time.perf_counter() - t0:.1f} s; GPU {gpu}]")
 
-    from raypath.embed import EmbedConfig, embed
-    from raypath.ray_env import ensure_ray
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.io.ray_env import ensure_ray
 
     ensure_ray()
     rows = []

@@ -9,7 +9,7 @@ Coordinates: level-0 224 px tiles in grid order covering each slide (the
 same list for every method).  Methods, timed A B A B (interleaved, median of
 ``--reps`` runs):
 
-* ``raypath``: :func:`raypath.reader.read_tiles`, 1 thread, and with
+* ``raypath``: :func:`raypath.wsi.reader.read_tiles`, 1 thread, and with
   ``--threads`` decoding threads;
 * ``openslide``: ``OpenSlide.read_region(...).convert("RGB")`` per tile (what
   CLAM/TRIDENT loops do);
@@ -39,7 +39,7 @@ CMU = Path(__file__).parent.parent / "tests" / "data" / "cmu_small_region.svs"
 
 
 def run_raypath(path, tiles, threads):
-    from raypath.reader import read_tiles
+    from raypath.wsi.reader import read_tiles
 
     n = 0
     for tid, _ in read_tiles(str(path), tiles, batch_tiles=64, num_threads=threads):
@@ -71,7 +71,7 @@ def decode_bound_setup(path, tiles):
     """Bytes of every stored tile the pass needs, and a function decoding them all once."""
     import imagecodecs
 
-    from raypath.reader import SlideReader, decode_bound_keys
+    from raypath.wsi.reader import SlideReader, decode_bound_keys
 
     keys = decode_bound_keys(str(path), tiles)
     with SlideReader(str(path)) as r:

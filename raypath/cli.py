@@ -14,27 +14,27 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .errors import RaypathError
+from raypath import __version__
+from raypath.errors import RaypathError
 
 #: verb -> (module that registers it, one-line help for ``raypath --help``),
 #: in the order they appear in ``--help``.
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("raypath.demo", "run the whole pipeline on a generated study (local Ray, embedded S3, tiny model)"),
-    "synth": ("raypath.synth", "generate a multi-cohort synthetic study (pyramidal JPEG TIFF slides + cohort table)"),
-    "ingest": ("raypath.ingest", "validate the cohort table and record every slide's metadata in slides.parquet"),
-    "tile": ("raypath.tiling", "segment tissue and lay a tile grid at a target mpp (tiles.parquet + QC PNGs)"),
-    "embed": ("raypath.embed", "embed tiles with a foundation model (Ray Data actor pool) -> features/<model_key>/"),
-    "export-h5": ("raypath.embed", "export a feature folder to one .h5 per slide (CLAM/TRIDENT layout)"),
-    "adapt": ("raypath.adapt", "DoRA/LoRA-tune a foundation model by DINO self-distillation under strong augmentation"),
-    "adapt-experiment": ("raypath.adapt", "embed before/after adaptation; site probe, purity, LODO C-index side by side"),
-    "augment-preview": ("raypath.augment", "write a PNG grid of augmented views of real tiles"),
+    "synth": ("raypath.synth.study", "generate a multi-cohort synthetic study (pyramidal JPEG TIFF slides + cohort table)"),
+    "ingest": ("raypath.wsi.ingest", "validate the cohort table and record every slide's metadata in slides.parquet"),
+    "tile": ("raypath.wsi.tiling", "segment tissue and lay a tile grid at a target mpp (tiles.parquet + QC PNGs)"),
+    "embed": ("raypath.embed.api", "embed tiles with a foundation model (Ray Data actor pool) -> features/<model_key>/"),
+    "export-h5": ("raypath.embed.api", "export a feature folder to one .h5 per slide (CLAM/TRIDENT layout)"),
+    "adapt": ("raypath.adapt.api", "DoRA/LoRA-tune a foundation model by DINO self-distillation under strong augmentation"),
+    "adapt-experiment": ("raypath.adapt.api", "embed before/after adaptation; site probe, purity, LODO C-index side by side"),
+    "augment-preview": ("raypath.adapt.augment", "write a PNG grid of augmented views of real tiles"),
     "mil": ("raypath.mil.cli", "train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)"),
     "robustness": ("raypath.robustness.cli", "site probe, KMeans cohort purity, RI, CRoMa, t-SNE of a feature store"),
     "sweep": ("raypath.sweep", "Ray Tune + Optuna search over adapter/MIL settings under nested LODO"),
-    "report": ("raypath.report", "self-contained HTML report of a run, a comparison, or a whole workdir"),
+    "report": ("raypath.report.pages", "self-contained HTML report of a run, a comparison, or a whole workdir"),
     "submit": ("raypath.submit", "run raypath on a Ray cluster as a Ray job (submit, status, logs, stop, list)"),
-    "s3": ("raypath.s3cli", "serve a local folder as an S3 bucket (embedded endpoint)"),
+    "s3": ("raypath.io.s3cli", "serve a local folder as an S3 bucket (embedded endpoint)"),
 }
 
 #: Kept for code that lists the stage modules.

@@ -20,8 +20,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from . import __version__
-from .storage import atomic_write_bytes, join, redact
+from raypath import __version__
+from raypath.io.storage import atomic_write_bytes, join, redact
 
 C = TypeVar("C", bound="StageConfig")
 

@@ -22,8 +22,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from .config import StageConfig, add_config_arguments, config_from_args
-from .storage import atomic_write_bytes, is_remote, join, makedirs
+from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.io.storage import atomic_write_bytes, is_remote, join, makedirs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _find_space(path: str) -> str:
     for cand in (Path(path), Path(__file__).resolve().parents[1] / path):
         if cand.exists():
             return str(cand)
-    from .errors import RaypathError
+    from raypath.errors import RaypathError
 
     raise RaypathError(f"sweep file {path!r} not found: pass --sweep-space PATH (see sweeps/examples/ in the repository)")
 
@@ -92,7 +92,7 @@ def _available(module: str) -> bool:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns a summary dict (also written to
     ``<workdir>/demo_summary.json``)."""
-    from .ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray
 
     # A cluster run keeps its workdir on object storage (every node sees it).
     workdir = cfg.workdir if is_remote(cfg.workdir) else str(Path(cfg.workdir).resolve())
@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     server = None
     try:
         if cfg.s3 and not cfg.bucket:
-            from .s3server import start_embedded_s3
+            from raypath.io.s3server import start_embedded_s3
 
             server = start_embedded_s3()
             study_uri = server.create_bucket("raypath-demo") + "/study"
@@ -116,7 +116,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         summary["study_uri"] = study_uri
         ensure_ray()
 
-        from .synth import SynthConfig, synthesize
+        from raypath.synth.study import SynthConfig, synthesize
 
         with _stage("synth"):
             cohort = synthesize(
@@ -131,28 +131,28 @@ def run_demo(cfg: DemoConfig) -> dict:
             )
         summary["slides"] = int(len(cohort))
 
-        from .ingest import IngestConfig, ingest
+        from raypath.wsi.ingest import IngestConfig, ingest
 
         with _stage("ingest"):
             slides = ingest(IngestConfig(cohort=f"{study_uri}/cohort.csv", workdir=workdir))
         summary["slides_ok"] = int((slides["status"] == "ok").sum())
 
-        from .tiling import TileConfig, tile
+        from raypath.wsi.tiling import TileConfig, tile
 
         with _stage("tile + QC"):
             tiles = tile(TileConfig(workdir=workdir))
         summary["tiles"] = int(len(tiles))
         print(f"[demo] QC images in {join(workdir, 'qc')}")
 
-        if _available("raypath.embed"):
-            from .embed import EmbedConfig, embed
+        if _available("raypath.embed.api"):
+            from raypath.embed.api import EmbedConfig, embed
 
             with _stage(f"embed ({cfg.model})"):
                 emb = embed(EmbedConfig(workdir=workdir, model=cfg.model, weights=cfg.weights))
             summary["features"] = str(emb.feature_dir)
 
             if _available("raypath.mil.api"):
-                from .mil.api import MilConfig, run_mil
+                from raypath.mil.api import MilConfig, run_mil
 
                 summary["mil"] = {}
                 for protocol in ("lodo", "internal"):
@@ -173,7 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     print(f"[demo] ABMIL survival, protocol {protocol}: Harrell's C-index, mean +- sd over repeats")
                     print(_c_index_table(res.table()).to_string(index=False), flush=True)
             if _available("raypath.robustness.api"):
-                from .robustness.api import RobustnessConfig, run_robustness
+                from raypath.robustness.api import RobustnessConfig, run_robustness
 
                 with _stage("robustness"):
                     rob = run_robustness(
@@ -186,7 +186,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     for k, v in head.items():
                         print(f"    {k:32s} {v:.3f}" if isinstance(v, float) else f"    {k:32s} {v}")
             if cfg.sweep:
-                from .sweep.api import SweepConfig, run_sweep
+                from raypath.sweep.api import SweepConfig, run_sweep
 
                 with _stage(f"sweep ({cfg.sweep_samples} trials)"):
                     sw = run_sweep(
@@ -201,8 +201,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 summary["sweep"] = str(sw.sweep_dir)
                 if sw.best:
                     print(f"[demo] best trial: {json.dumps(sw.best, default=str)[:400]}")
-            if _available("raypath.report"):
-                from .report import write_workdir_report
+            if _available("raypath.report.pages"):
+                from raypath.report.pages import write_workdir_report
 
                 with _stage("report"):
                     summary["report"] = str(write_workdir_report(workdir))

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import RaypathError
+from raypath.errors import RaypathError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ CMU_SLIDE = DATA_DIR / "cmu_small_region.svs"
 def s3_server():
     """A moto S3 endpoint for the whole session; the process env points at it
     so Ray workers started afterwards inherit it."""
-    from raypath.s3server import start_embedded_s3
+    from raypath.io.s3server import start_embedded_s3
 
     server = start_embedded_s3()
     yield server
@@ -39,7 +39,7 @@ def ray_session(s3_server):
     """
     import ray
 
-    from raypath.ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray
 
     ensure_ray(num_cpus=2, object_store_mb=256)
     yield ray

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raypath.adapt import AdaptConfig, SimulatedKill, adapt, latest_checkpoint, sample_training_tiles
+from raypath.adapt.api import AdaptConfig, SimulatedKill, adapt, latest_checkpoint, sample_training_tiles
 from raypath.errors import RaypathError
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
@@ -67,7 +67,7 @@ def test_adapt_outputs_and_adapter_round_trip(workdir):
     load_backbone (merged) and gives the same features as unmerged."""
     from peft import PeftModel
 
-    from raypath.models import load_backbone
+    from raypath.fm.backbone import load_backbone
 
     res = adapt(_cfg(workdir, run="dora-rt"))
     d = Path(res.adapter_dir)
@@ -95,7 +95,7 @@ def test_adapt_outputs_and_adapter_round_trip(workdir):
 
 def test_lora_on_hf_vit(workdir):
     """LoRA on the Hugging Face family (query/key/value targets, local crops at a smaller size)."""
-    from raypath.models import load_backbone
+    from raypath.fm.backbone import load_backbone
 
     res = adapt(_cfg(workdir, model="tiny-hf-vit", method="lora", epochs=1, rank=4, alpha=8, run="lora-hf"))
     acfg = json.loads((Path(res.adapter_dir) / "adapter_config.json").read_text())
@@ -160,7 +160,7 @@ def test_two_worker_ddp_through_ray_train(workdir, ray_session):
 
 def test_experiment_table_and_verb():
     from raypath.cli import build_parser
-    from raypath.experiment import ExperimentConfig, experiment_table, table_markdown
+    from raypath.adapt.experiment import ExperimentConfig, experiment_table, table_markdown
 
     robust = {"delta": {"site_probe_balanced_accuracy": {"a": 0.9, "b": 0.6}, "kmeans_purity": {"a": 0.8, "b": 0.5}}}
     before = {"metric": "c_index", "mean": 0.60, "worst": 0.55, "per_cohort": {"C0": 0.6, "C1": 0.55}}

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raypath import augment as A
+from raypath.adapt import augment as A
 from raypath.errors import RaypathError
 
-HE_PNG = Path(A.__file__).parent / "data" / "he_target_1000.png"
+HE_PNG = Path(A.__file__).resolve().parents[1] / "data" / "he_target_1000.png"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -311,7 +311,7 @@ def test_every_stage_has_a_job_spec():
 
 @pytest.mark.parametrize("path", sorted(JOBS_DIR.glob("runtime_env*.yaml")), ids=lambda p: p.name)
 def test_runtime_envs_hold_no_secrets(path):
-    from raypath.storage import redact
+    from raypath.io.storage import redact
 
     env = yaml.safe_load(path.read_text())
     assert set(env) <= {"env_vars", "working_dir", "py_modules", "pip", "excludes"}
@@ -717,7 +717,7 @@ def test_worker_node_killed_mid_embed_loses_and_duplicates_nothing(local_cluster
     _, _, workdir = demo_job
     if not (workdir / "tiles.parquet").exists():
         pytest.skip("the demo job produced no tiles.parquet (see test_demo_pipeline_runs_as_a_job)")
-    pytest.importorskip("raypath.embed")
+    pytest.importorskip("raypath.embed.api")
     import pandas as pd
     import pyarrow.parquet as pq
 

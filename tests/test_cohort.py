@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from raypath.cohort import read_cohort, resolve_uri, validate_cohort
+from raypath.wsi.cohort import read_cohort, resolve_uri, validate_cohort
 from raypath.errors import RaypathError
 
 

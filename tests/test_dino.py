@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from raypath import dino as D
+from raypath.adapt import dino as D
 
 
 def _softmax(v):

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from embed_helpers import grid_tiles, write_slide
-from raypath.embed import EmbedConfig, TileEmbedder, derive_resources, embed
+from raypath.embed.api import EmbedConfig, TileEmbedder, derive_resources, embed
 from raypath.errors import RaypathError
-from raypath.features import FeatureStore
-from raypath.reader import read_tiles
+from raypath.embed.store import FeatureStore
+from raypath.wsi.reader import read_tiles
 from raypath.schemas import features_schema
 
 MODEL = "tiny-vit"
@@ -149,7 +149,7 @@ def test_killed_driver_resumes_with_each_slide_once(tmp_path, ray_session):
     root, sdf, tdf = make_workdir(tmp_path / "wd", n_synth=6, stride_px=112, size=(700, 560))
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(f"""
-        from raypath.embed import EmbedConfig, embed
+        from raypath.embed.api import EmbedConfig, embed
         embed(EmbedConfig(workdir={str(root)!r}, model={MODEL!r}, batch_size=16))
     """))
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raypath.features import (
+from raypath.embed.store import (
     CACHE_KEY_META,
     FeatureStore,
     cache_key,

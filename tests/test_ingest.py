@@ -12,9 +12,9 @@ import tifffile
 from tiny_slides import broken_files, render, tissue_slide, write_svs
 
 from raypath import cli
-from raypath.ingest import IngestConfig, ingest, inspect_slide
+from raypath.wsi.ingest import IngestConfig, ingest, inspect_slide
 from raypath.schemas import COHORT_REQUIRED, SLIDES_META
-from raypath.storage import read_parquet
+from raypath.io.storage import read_parquet
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,8 @@ def test_cli_ingest_in_process(slide_dir, tmp_path, capsys):
 def test_open_slide_over_s3_uses_explicit_block_size_and_same_pixels(s3_server, cmu_slide, tmp_path):
     import tiffslide
 
-    from raypath.slide_io import opened_slide
-    from raypath.storage import S3Options
+    from raypath.wsi.slide_io import opened_slide
+    from raypath.io.storage import S3Options
 
     folder = tmp_path / "one"
     folder.mkdir()

@@ -16,11 +16,11 @@ import pytest
 from tiny_slides import broken_files, render, write_svs
 
 from raypath import cli
-from raypath.ingest import IngestConfig, ingest
+from raypath.wsi.ingest import IngestConfig, ingest
 from raypath.schemas import TILES, TILING_SUMMARY
-from raypath.storage import exists, read_parquet
-from raypath.synth import SynthConfig, synthesize
-from raypath.tiling import TileConfig, tile
+from raypath.io.storage import exists, read_parquet
+from raypath.synth.study import SynthConfig, synthesize
+from raypath.wsi.tiling import TileConfig, tile
 
 BROKEN = {"truncated": "truncated:", "text": "not_a_slide:", "png": "not_a_slide:", "empty": "empty_file:", "nompp": "no_mpp:"}
 
@@ -124,7 +124,7 @@ def test_cli_verbs_in_process(study, tmp_path, capsys):
 
 
 def test_tiling_falls_back_to_isolated_tasks(study, tmp_path, ray_session, monkeypatch):
-    import raypath.tiling as tiling
+    import raypath.wsi.tiling as tiling
 
     root, cohort = study
     sub = cohort[cohort["slide_id"].isin(["cmu", "text"])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raypath.mil.metrics import (
+from raypath.evaluation.metrics import (
     classification_metrics,
     harrell_c_index,
     summarize,

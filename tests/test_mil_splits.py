@@ -8,7 +8,7 @@ import pytest
 
 from raypath.errors import RaypathError
 from raypath.mil.data import make_synthetic_bags
-from raypath.mil.splits import LeakageError, check_no_leakage, make_splits
+from raypath.evaluation.splits import LeakageError, check_no_leakage, make_splits
 
 
 @pytest.fixture(scope="module")

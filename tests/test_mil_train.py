@@ -13,7 +13,7 @@ import pytest
 from raypath.errors import RaypathError
 from raypath.mil.data import make_synthetic_bags
 from raypath.mil.protocols import evaluate_lodo, run_protocol
-from raypath.mil.splits import make_splits
+from raypath.evaluation.splits import make_splits
 from raypath.mil.train import LocalContext, TrainParams, run_splits
 
 FAST = dict(epochs=6, lr=1e-3, batch_size=32, max_tiles_per_slide=16, eval_every=3)
@@ -138,7 +138,7 @@ def test_wrong_loss_for_task_is_an_error():
 
 
 def _write_workdir(root, bags, clin):
-    from raypath.features import write_bag_table
+    from raypath.embed.store import write_bag_table
 
     fdir = os.path.join(root, "features", "synth")
     for sid, x in bags.items():

@@ -9,7 +9,7 @@ import tiffslide
 
 from embed_helpers import grid_tiles, reference_tile, write_slide
 from raypath.errors import RaypathError
-from raypath.reader import SlideReader, read_tiles
+from raypath.wsi.reader import SlideReader, read_tiles
 
 
 def _collect(it):

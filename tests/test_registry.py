@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from raypath.errors import RaypathError
-from raypath.models import load_backbone, save_random_checkpoint
-from raypath.registry import get_spec, list_specs
+from raypath.fm.backbone import load_backbone, save_random_checkpoint
+from raypath.fm.registry import get_spec, list_specs
 
 REQUIRED = {"phikon", "phikon-v2", "uni", "uni2-h", "virchow2", "h-optimus-0", "h-optimus-1",
             "prov-gigapath", "hibou-l", "tiny-vit", "tiny-hf-vit"}

@@ -25,7 +25,7 @@ def _external_refs(html: str) -> list[str]:
 @pytest.fixture(scope="module")
 def robust_workdir(tmp_path_factory, cmu_slide):
     """A workdir with a robustness run, a before/after comparison and a MIL-like run."""
-    from raypath.features import write_bag_table
+    from raypath.embed.store import write_bag_table
     from raypath.robustness import RobustnessConfig, compare, run_robustness
 
     tmp = tmp_path_factory.mktemp("report")
@@ -52,7 +52,7 @@ def robust_workdir(tmp_path_factory, cmu_slide):
 
 
 def test_robustness_run_report_inlines_every_plot(robust_workdir):
-    from raypath.report import write_run_report
+    from raypath.report.pages import write_run_report
 
     run = robust_workdir / "runs" / "robustness-fm"
     uri = write_run_report(str(run))
@@ -72,7 +72,7 @@ def test_robustness_run_report_inlines_every_plot(robust_workdir):
 
 
 def test_comparison_report_side_by_side(robust_workdir):
-    from raypath.report import render_run
+    from raypath.report.pages import render_run
 
     run = robust_workdir / "runs" / "before-after"
     html = render_run(str(run))
@@ -103,7 +103,7 @@ def test_other_stage_run_and_index(robust_workdir, capsys):
 
 
 def test_two_runs_side_by_side(robust_workdir, tmp_path):
-    from raypath.report import report
+    from raypath.report.pages import report
 
     a = robust_workdir / "runs" / "before-after" / "a"
     b = robust_workdir / "runs" / "before-after" / "b"
@@ -125,9 +125,9 @@ def test_report_errors(tmp_path, capsys):
 
 def test_robustness_and_report_on_s3(s3_server, robust_workdir):
     """The same stage with the workdir in object storage."""
-    from raypath.report import report
+    from raypath.report.pages import report
     from raypath.robustness import RobustnessConfig, run_robustness
-    from raypath.storage import filesystem_for
+    from raypath.io.storage import filesystem_for
 
     src = robust_workdir
     import shutil
@@ -151,7 +151,7 @@ def test_robustness_and_report_on_s3(s3_server, robust_workdir):
 
 def test_run_report_skips_binary_files_named_json(tmp_path):
     """Ray Tune writes pickled search state as *.json inside sweep folders."""
-    from raypath.report import render_run
+    from raypath.report.pages import render_run
 
     run = tmp_path / "sweeps" / "s"
     (run / "tune").mkdir(parents=True)

@@ -210,7 +210,7 @@ def test_large_set_bounded_memory_and_time():
 
 def _workdir(tmp_path, cmu_slide, X, meta, key):
     """slides.parquet + tiles.parquet (real tiles of the CMU slide) + a feature store."""
-    from raypath.features import write_bag_table
+    from raypath.embed.store import write_bag_table
 
     wd = tmp_path / "wd"
     slides = meta.drop_duplicates("slide_id")[["slide_id", "patient_id", "cohort", "label"]].copy()
@@ -232,7 +232,7 @@ def _workdir(tmp_path, cmu_slide, X, meta, key):
 
 
 def test_run_and_compare_end_to_end(tmp_path, cmu_slide):
-    from raypath.features import write_bag_table
+    from raypath.embed.store import write_bag_table
     from raypath.robustness import RobustnessConfig, compare, run_robustness
 
     X, meta = SITE

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raypath import storage
-from raypath.features import FeatureStore, write_bag_table
-from raypath.storage import S3Options, redact
+from raypath.io import storage
+from raypath.embed.store import FeatureStore, write_bag_table
+from raypath.io.storage import S3Options, redact
 
 
 def test_atomic_write_leaves_no_temp_file(tmp_path):
@@ -75,7 +75,7 @@ def test_feature_store_round_trip(tmp_path, s3_server, where):
 
 def test_feature_dir_resolution_by_registry_key(tmp_path):
     from raypath.errors import RaypathError
-    from raypath.features import resolve_feature_dir
+    from raypath.embed.store import resolve_feature_dir
 
     feats = np.zeros((2, 3), np.float32)
     for key in ("uni-1a2b3c4d", "phikon-00000000", "phikon-11111111"):

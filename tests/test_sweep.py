@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from raypath.errors import RaypathError
-from raypath.features import write_bag_table
+from raypath.embed.store import write_bag_table
 from raypath.mil.data import make_synthetic_bags
-from raypath.mil.splits import LeakageError, make_splits
-from raypath.storage import write_parquet_atomic
+from raypath.evaluation.splits import LeakageError, make_splits
+from raypath.io.storage import write_parquet_atomic
 from raypath.sweep.nested import FITTING_STEPS, audit_plan, check_step, nested_lodo_plan, steps_seen
 from raypath.sweep.space import parse_space, stage_settings
 
@@ -164,7 +164,7 @@ def test_fold_adapts_and_selects_on_training_cohorts_only(tmp_path):
     """One adapter fold through the real adapt tile selection and the real MIL
     stage (embedding stubbed by the fixed features): what each step used is
     recorded and matches the plan."""
-    from raypath.adapt import AdaptConfig, sample_training_tiles
+    from raypath.adapt.api import AdaptConfig, sample_training_tiles
     from raypath.sweep.objective import Stages, run_fold
 
     clin = make_workdir(tmp_path, tiles=True)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from raypath.errors import RaypathError
-from raypath.synth import SynthConfig, make_sites, plan_study, synthesize
+from raypath.synth.study import SynthConfig, make_sites, plan_study, synthesize
 
 COHORT_COLUMNS = ["slide_id", "uri", "patient_id", "cohort", "time", "event", "label", "scanner", "pair_id"]
 
@@ -252,7 +252,7 @@ def _synth_cli(argv: list[str]) -> int:
     """Run the ``synth`` verb through its own parser (independent of other verbs' modules)."""
     import argparse
 
-    from raypath.synth import add_cli
+    from raypath.synth.study import add_cli
 
     parser = argparse.ArgumentParser(prog="raypath")
     add_cli(parser.add_subparsers(dest="verb"))
@@ -313,7 +313,7 @@ def test_beer_lambert_round_trip_of_the_real_image():
 
     from PIL import Image
 
-    from raypath import texture
+    from raypath.synth import texture
 
     with resources.files("raypath.data").joinpath("he_target_1000.png").open("rb") as f:
         src = np.asarray(Image.open(f).convert("RGB"), float)

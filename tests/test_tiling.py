@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from tiny_slides import render, tissue_slide
 
-from raypath.tiling import (
+from raypath.wsi.tiling import (
     ResolutionError,
     TileConfig,
     choose_level,
@@ -17,7 +17,7 @@ from raypath.tiling import (
     tile_slide,
     tissue_fractions,
 )
-from raypath.tissue import rgb_to_saturation_value, tissue_mask
+from raypath.wsi.tissue import rgb_to_saturation_value, tissue_mask
 
 # ----------------------------------------------------------------------------- level / mpp
 

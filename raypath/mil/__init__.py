@@ -14,11 +14,11 @@ __all__ = ["MilConfig", "MilResult", "run_mil", "evaluate_lodo"]
 def __getattr__(name: str):
     # lazy: importing raypath.mil must not import torch/sksurv
     if name in ("MilConfig", "MilResult", "run_mil"):
-        from . import api
+        from raypath.mil import api
 
         return getattr(api, name)
     if name == "evaluate_lodo":
-        from .protocols import evaluate_lodo
+        from raypath.mil.protocols import evaluate_lodo
 
         return evaluate_lodo
     raise AttributeError(name)

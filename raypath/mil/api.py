@@ -26,11 +26,11 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field
 
-from ..config import StageConfig
-from ..errors import RaypathError
-from ..storage import atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
-from .protocols import ProtocolOutput, run_protocol
-from .train import TrainParams
+from raypath.config import StageConfig
+from raypath.errors import RaypathError
+from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
+from raypath.mil.protocols import ProtocolOutput, run_protocol
+from raypath.mil.train import TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def protocol_kwargs(cfg: MilConfig, **overrides: Any) -> dict[str, Any]:
 
 
 def resolve_feature_dir(cfg: MilConfig) -> str:
-    """``cfg.features`` as a folder (see :func:`raypath.features.resolve_feature_dir`)."""
-    from ..features import resolve_feature_dir as _resolve
+    """``cfg.features`` as a folder (see :func:`raypath.embed.store.resolve_feature_dir`)."""
+    from raypath.embed.store import resolve_feature_dir as _resolve
 
     return _resolve(cfg.workdir, cfg.features)
 
@@ -140,7 +140,7 @@ def load_clinical(cfg: MilConfig, slide_ids_with_features: list[str]) -> pd.Data
             f"clinical table {uri!r} not found: run `raypath ingest` first or pass --clinical"
         )
     if str(uri).endswith(".csv"):
-        from ..storage import open_file
+        from raypath.io.storage import open_file
 
         with open_file(uri, "rb") as f:
             df = pd.read_csv(f)
@@ -216,7 +216,7 @@ def write_outputs(out: ProtocolOutput, cfg: MilConfig, run_dir: str) -> None:
         ("fold_metrics", out.fold_metrics),
     ):
         write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), join(run_dir, f"{name}.parquet"))
-    from .plots import plot_curves, plot_km
+    from raypath.mil.plots import plot_curves, plot_km
 
     metric = "c_index" if cfg.task == "survival" else "auroc"
     atomic_write_bytes(join(run_dir, "curves.png"), plot_curves(out.curves, metric))
@@ -230,7 +230,7 @@ def run_mil(cfg: MilConfig) -> MilResult:
     Re-running the same config resumes from the last checkpoint (finished
     folds are skipped, the current fold continues at its last epoch).
     """
-    from ..features import FeatureStore
+    from raypath.embed.store import FeatureStore
 
     if not cfg.workdir or not cfg.features:
         raise RaypathError(

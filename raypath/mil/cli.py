@@ -8,9 +8,9 @@ import argparse
 def _main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ..config import config_from_args
-    from ..errors import RaypathError
-    from .api import MilConfig, run_mil
+    from raypath.config import config_from_args
+    from raypath.errors import RaypathError
+    from raypath.mil.api import MilConfig, run_mil
 
     try:
         cfg = config_from_args(MilConfig, args)
@@ -30,8 +30,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from ..config import add_config_arguments
-    from .api import MilConfig
+    from raypath.config import add_config_arguments
+    from raypath.mil.api import MilConfig
 
     p = subparsers.add_parser(
         "mil",

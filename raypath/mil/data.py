@@ -4,7 +4,7 @@ Plain numpy/torch, no Ray: the training loop (in-process or in a Ray Train
 worker) builds batches with these functions.
 
 * :func:`load_bag_arrays` reads the bags of some slides from a
-  :class:`raypath.features.FeatureStore` (or takes an in-memory mapping).
+  :class:`raypath.embed.store.FeatureStore` (or takes an in-memory mapping).
 * :func:`sample_tiles` caps a bag at ``max_tiles`` random tiles.
 * :func:`collate_bags` pads a list of bags to the longest one and returns
   the mask (True = real tile).
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import RaypathError
+from raypath.errors import RaypathError
 
 
 def load_bag_arrays(source, slide_ids, dtype=np.float16) -> dict[str, np.ndarray]:
@@ -32,13 +32,13 @@ def load_bag_arrays(source, slide_ids, dtype=np.float16) -> dict[str, np.ndarray
     Parameters
     ----------
     source
-        A :class:`~raypath.features.FeatureStore`, a feature folder path, or
+        A :class:`~raypath.embed.store.FeatureStore`, a feature folder path, or
         a mapping ``slide_id -> array | Bag``.
     dtype
         Kept in memory as float16 by default (half the memory; batches are
         float32).
     """
-    from ..features import Bag, FeatureStore
+    from raypath.embed.store import Bag, FeatureStore
 
     out: dict[str, np.ndarray] = {}
     if isinstance(source, str):

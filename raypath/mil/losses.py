@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RaypathError
+from raypath.errors import RaypathError
 
 LOSSES = ("cox", "nll", "ce")
 

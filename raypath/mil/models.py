@@ -131,6 +131,6 @@ def build_model(name: str, in_dim: int, out_dim: int, **kw) -> nn.Module:
         return AbmilOwkin(in_dim, out_dim, **kw)
     if name == "clam":
         return ClamGated(in_dim, out_dim, **kw)
-    from ..errors import RaypathError
+    from raypath.errors import RaypathError
 
     raise RaypathError(f"unknown MIL model {name!r}: choose one of {', '.join(MODELS)}")

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import RaypathError
-from .metrics import classification_metrics, summarize, survival_metrics
-from .splits import Split, make_splits
-from .train import LocalContext, TrainParams, run_splits, run_splits_ray
+from raypath.errors import RaypathError
+from raypath.evaluation.metrics import classification_metrics, summarize, survival_metrics
+from raypath.evaluation.splits import Split, make_splits
+from raypath.mil.train import LocalContext, TrainParams, run_splits, run_splits_ray
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def run_protocol(
     Parameters
     ----------
     bags_source
-        A :class:`~raypath.features.FeatureStore`, a feature folder path, or a
+        A :class:`~raypath.embed.store.FeatureStore`, a feature folder path, or a
         mapping ``slide_id -> [N, D] array``; must cover every slide of
         ``clinical``.
     clinical
@@ -232,7 +232,7 @@ def run_protocol(
     ray_storage_path, ray_name
         Ray Train run location (resume by re-running with the same values).
     """
-    from ..features import FeatureStore
+    from raypath.embed.store import FeatureStore
 
     task = params.task
     df = validate_clinical(clinical, task)
@@ -250,7 +250,7 @@ def run_protocol(
     if num_workers and num_workers > 0:
         source = bags_source.path if isinstance(bags_source, FeatureStore) else bags_source
         if not isinstance(source, str):
-            from .data import load_bag_arrays
+            from raypath.mil.data import load_bag_arrays
 
             source = load_bag_arrays(source, df["slide_id"].astype(str).tolist())
         if ray_storage_path is None:
@@ -261,7 +261,7 @@ def run_protocol(
             source, df, splits, params, num_workers, ray_storage_path, ray_name, use_gpu=use_gpu
         )
     else:
-        from .data import load_bag_arrays
+        from raypath.mil.data import load_bag_arrays
 
         bags = load_bag_arrays(bags_source, df["slide_id"].astype(str).tolist())
         results = run_splits(LocalContext(checkpoint_dir), bags, df, splits, params)
@@ -302,7 +302,7 @@ def evaluate_lodo(store_or_bags, clinical: pd.DataFrame, cfg) -> dict:
     Parameters
     ----------
     store_or_bags
-        A :class:`~raypath.features.FeatureStore`, a feature folder path or a
+        A :class:`~raypath.embed.store.FeatureStore`, a feature folder path or a
         mapping ``slide_id -> [N, D] array``.
     clinical
         One row per slide (rows whose ``status`` is not ``"ok"`` are dropped).
@@ -315,7 +315,7 @@ def evaluate_lodo(store_or_bags, clinical: pd.DataFrame, cfg) -> dict:
     ``{"metric", "per_cohort": {cohort: mean external score}, "mean",
     "worst", "worst_cohort", "internal": {cohort: summary}, "summary"}``.
     """
-    from .api import params_from_config, protocol_kwargs
+    from raypath.mil.api import params_from_config, protocol_kwargs
 
     df = clinical
     if "status" in df.columns:

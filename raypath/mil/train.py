@@ -2,7 +2,7 @@
 
 One loop serves every objective (the loss is pluggable, see
 :mod:`raypath.mil.losses`) and every protocol: :func:`run_splits` trains
-one model per :class:`~raypath.mil.splits.Split`, evaluates it after every
+one model per :class:`~raypath.evaluation.splits.Split`, evaluates it after every
 epoch on the split's internal and external slides, and hands a checkpoint
 to a *context* after each epoch:
 
@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import collate_bags, epoch_order, load_bag_arrays, shard
-from .losses import make_objective, make_time_bins, time_to_bin
-from .metrics import classification_metrics, harrell_c_index
-from .models import build_model
-from .splits import Split
+from raypath.mil.data import collate_bags, epoch_order, load_bag_arrays, shard
+from raypath.mil.losses import make_objective, make_time_bins, time_to_bin
+from raypath.evaluation.metrics import classification_metrics, harrell_c_index
+from raypath.mil.models import build_model
+from raypath.evaluation.splits import Split
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def run_splits_ray(
     Re-running with the same ``storage_path`` and ``name`` resumes from the
     latest checkpoint.  Results come back through the final checkpoint.
     """
-    from ..ray_env import cluster_gpus, ensure_ray
+    from raypath.io.ray_env import cluster_gpus, ensure_ray
 
     ray = ensure_ray()
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -453,7 +453,7 @@ def run_splits_ray(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        from ..errors import RaypathError
+        from raypath.errors import RaypathError
 
         raise RaypathError(f"Ray Train run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

@@ -9,6 +9,6 @@
 - :mod:`.cli` — the ``raypath robustness`` verb.
 """
 
-from .api import RobustnessConfig, compare, run_robustness
+from raypath.robustness.api import RobustnessConfig, compare, run_robustness
 
 __all__ = ["RobustnessConfig", "compare", "run_robustness"]

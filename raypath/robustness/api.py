@@ -31,18 +31,18 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from .. import __version__
-from ..config import StageConfig
-from ..errors import RaypathError
-from ..features import FeatureStore
-from ..storage import (
+from raypath import __version__
+from raypath.config import StageConfig
+from raypath.errors import RaypathError
+from raypath.embed.store import FeatureStore
+from raypath.io.storage import (
     S3Options,
     atomic_write_bytes,
     exists,
     join,
     read_parquet,
 )
-from . import metrics as M
+from raypath.robustness import metrics as M
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class RobustnessConfig(StageConfig):
 
 def resolve_feature_dir(workdir: str, features: str | None) -> str:
     """A feature folder from a path/URI, a model key, or the only store under
-    ``<workdir>/features`` (see :func:`raypath.features.resolve_feature_dir`)."""
-    from ..features import resolve_feature_dir as _resolve
+    ``<workdir>/features`` (see :func:`raypath.embed.store.resolve_feature_dir`)."""
+    from raypath.embed.store import resolve_feature_dir as _resolve
 
     return _resolve(workdir, features)
 
@@ -322,7 +322,7 @@ def draw_plots(
     s3: S3Options | None = None,
 ) -> dict[str, str]:
     """Write the PNGs of one analysis into ``out_dir``; returns {name: reason} of skipped plots."""
-    from . import plots as P
+    from raypath.robustness import plots as P
 
     skipped: dict[str, str] = {}
     title = f" - {label}" if label else ""
@@ -368,7 +368,7 @@ def draw_plots(
 
 
 def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
-    from . import plots as P
+    from raypath.robustness import plots as P
 
     tiles_uri = join(cfg.workdir, "tiles.parquet")
     if not exists(tiles_uri, s3):

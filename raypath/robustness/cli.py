@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import add_config_arguments, config_from_args
-from ..errors import RaypathError
+from raypath.config import add_config_arguments, config_from_args
+from raypath.errors import RaypathError
 
 
 def _config(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from .api import RobustnessConfig
+    from raypath.robustness.api import RobustnessConfig
 
     try:
         return config_from_args(RobustnessConfig, args)
@@ -21,7 +21,7 @@ def _config(args: argparse.Namespace):
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .api import compare, run_robustness
+    from raypath.robustness.api import compare, run_robustness
 
     cfg = _config(args)
     if args.compare_to:
@@ -61,7 +61,7 @@ def add_cli(subparsers) -> None:
             "stores on the same slides and writes comparison.json."
         ),
     )
-    from .api import RobustnessConfig
+    from raypath.robustness.api import RobustnessConfig
 
     add_config_arguments(p, RobustnessConfig)
     p.add_argument("--compare-to", metavar="FEATURES",

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import RaypathError
+from raypath.errors import RaypathError
 
 log = logging.getLogger(__name__)
 

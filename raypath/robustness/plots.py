@@ -3,7 +3,7 @@
 Every function returns PNG bytes (matplotlib, Agg backend) so the caller
 decides where they go (local folder or S3, inlined into the HTML report).
 Galleries read the tiles back from the slides through
-``raypath.reader.read_tiles`` when that module exists, else through a small
+``raypath.wsi.reader.read_tiles`` when that module exists, else through a small
 tiffslide fallback (:func:`read_tiles_fallback`).
 """
 
@@ -64,7 +64,7 @@ def embed_2d(
     Features are L2-normalised first (the geometry of the metrics).
     Perplexity is lowered for tiny sets (t-SNE needs perplexity < n).
     """
-    from .metrics import l2_normalise
+    from raypath.robustness.metrics import l2_normalise
 
     Xn = l2_normalise(X)
     n = len(Xn)
@@ -191,12 +191,12 @@ def read_tiles_fallback(
     """Read tiles of one slide with tiffslide: yields ``(tile_ids, uint8 [n, px, px, 3])``.
 
     ``tiles`` rows need tile_id, x, y (level-0 px), level, read_px, tile_px.
-    Used until/unless ``raypath.reader.read_tiles`` is available.
+    Used until/unless ``raypath.wsi.reader.read_tiles`` is available.
     """
     import tiffslide
     from PIL import Image
 
-    from ..storage import S3Options, is_remote
+    from raypath.io.storage import S3Options, is_remote
 
     kw = {}
     if is_remote(slide_uri):
@@ -215,7 +215,7 @@ def read_tiles_fallback(
 def read_tile_images(slide_uri: str, tiles: pd.DataFrame, s3=None) -> dict[int, np.ndarray]:
     """``{tile_id: uint8 [px, px, 3]}`` for the given tiles of one slide."""
     try:
-        from ..reader import read_tiles  # the embedding stage's reader
+        from raypath.wsi.reader import read_tiles  # the embedding stage's reader
     except ImportError:
         read_tiles = None
     out: dict[int, np.ndarray] = {}
@@ -227,7 +227,7 @@ def read_tile_images(slide_uri: str, tiles: pd.DataFrame, s3=None) -> dict[int, 
                     out[int(t)] = np.asarray(img)
             return out
         except TypeError:  # different signature than expected: fall back
-            log.debug("raypath.reader.read_tiles signature differs; using tiffslide", exc_info=True)
+            log.debug("raypath.wsi.reader.read_tiles signature differs; using tiffslide", exc_info=True)
     for ids, imgs in read_tiles_fallback(slide_uri, tiles, s3):
         for t, img in zip(ids.tolist(), imgs):
             out[int(t)] = img
@@ -250,7 +250,7 @@ def select_gallery_tiles(
 
     Returns a list of ``{"cluster", "purity", "bands": {"near"|"medium"|"far": row indices}}``.
     """
-    from .metrics import l2_normalise
+    from raypath.robustness.metrics import l2_normalise
 
     Xn = l2_normalise(X)
     sizes = np.bincount(assign, minlength=len(centres))

@@ -7,18 +7,18 @@
 * :mod:`.outputs` -- trials table, best config, Pareto front, plots.
 """
 
-from .cli import add_cli
+from raypath.sweep.cli import add_cli
 
 __all__ = ["add_cli", "run_sweep", "SweepConfig", "nested_lodo_plan", "audit_plan"]
 
 
 def __getattr__(name):  # keep `import raypath.sweep` light for the CLI
     if name in ("run_sweep", "SweepConfig"):
-        from . import api
+        from raypath.sweep import api
 
         return getattr(api, name)
     if name in ("nested_lodo_plan", "audit_plan"):
-        from . import nested
+        from raypath.sweep import nested
 
         return getattr(nested, name)
     raise AttributeError(name)

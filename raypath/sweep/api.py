@@ -21,12 +21,12 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
-from ..config import StageConfig
-from ..errors import RaypathError
-from ..storage import atomic_write_bytes, exists, is_remote, join, strip_protocol
-from .nested import FoldPlan, nested_lodo_plan, steps_seen
-from .objective import TrialContext, trial_function
-from .space import SweepSpace, load_space, optuna_space
+from raypath.config import StageConfig
+from raypath.errors import RaypathError
+from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, strip_protocol
+from raypath.sweep.nested import FoldPlan, nested_lodo_plan, steps_seen
+from raypath.sweep.objective import TrialContext, trial_function
+from raypath.sweep.space import SweepSpace, load_space, optuna_space
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ def sweep_dir_of(cfg: SweepConfig) -> str:
 
 def load_inputs(space: SweepSpace, workdir: str) -> tuple[pd.DataFrame, str | None]:
     """(clinical rows the MIL stage will use, fixed feature folder or None)."""
-    from ..mil.api import MilConfig, load_clinical, resolve_feature_dir
+    from raypath.mil.api import MilConfig, load_clinical, resolve_feature_dir
 
     mil_fixed = dict(space.fixed.get("mil", {}))
     if space.kind == "mil":
-        from ..features import FeatureStore
-        from ..robustness.api import resolve_feature_dir as only_store
+        from raypath.embed.store import FeatureStore
+        from raypath.robustness.api import resolve_feature_dir as only_store
 
         if not space.features:
             space.features = only_store(workdir, None)
@@ -88,7 +88,7 @@ def load_inputs(space: SweepSpace, workdir: str) -> tuple[pd.DataFrame, str | No
         feature_dir = resolve_feature_dir(cfg)
         clinical = load_clinical(cfg, FeatureStore(feature_dir).slide_ids())
         return clinical, feature_dir
-    from ..robustness.api import load_slides
+    from raypath.robustness.api import load_slides
 
     slides = load_slides(workdir)
     if mil_fixed.get("clinical"):
@@ -202,7 +202,7 @@ def optuna_storage(cfg: SweepConfig, sweep_dir: str):
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as e:  # bad URL, driver missing, server unreachable
-        from ..storage import redact
+        from raypath.io.storage import redact
 
         raise RaypathError(
             f"cannot open Optuna storage {redact(url)!r}: {type(e).__name__}: {e}. Pass an SQLAlchemy URL "
@@ -229,7 +229,7 @@ def build_searcher(space: SweepSpace, cfg: SweepConfig, sweep_dir: str):
 
 
 def _encode_point(space: SweepSpace, key: str, value: Any) -> Any:
-    from .space import encode_choice
+    from raypath.sweep.space import encode_choice
 
     return encode_choice(value) if space.space[key].type == "categorical" else value
 
@@ -269,8 +269,8 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     """
     from ray import tune
 
-    from ..ray_env import ensure_ray
-    from .outputs import write_outputs
+    from raypath.io.ray_env import ensure_ray
+    from raypath.sweep.outputs import write_outputs
 
     space = load_space(cfg.space)
     if cfg.features:
@@ -287,7 +287,7 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
         log.info("nothing to resume in %s: starting a new sweep", sweep_dir)
 
     if already and cfg.resume and exists(join(sweep_dir, "config.yaml")):
-        from ..storage import open_file
+        from raypath.io.storage import open_file
         import yaml as _yaml
 
         with open_file(join(sweep_dir, "config.yaml"), "rb") as f:
@@ -310,12 +310,12 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     atomic_write_bytes(join(sweep_dir, "space.yaml"),
                        yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).encode())
     seen = steps_seen(plans, clinical)
-    from ..storage import write_parquet_atomic
+    from raypath.io.storage import write_parquet_atomic
     import pyarrow as pa
 
     plan_uri = join(sweep_dir, "nested_lodo.parquet")
     if already and exists(plan_uri):
-        from ..storage import read_parquet
+        from raypath.io.storage import read_parquet
 
         before = read_parquet(plan_uri).to_pandas()
         if _plan_key(before) != _plan_key(seen):

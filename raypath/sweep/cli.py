@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_config_arguments, config_from_args
+from raypath.config import add_config_arguments, config_from_args
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from .api import SweepConfig
+    from raypath.sweep.api import SweepConfig
 
     p = sub.add_parser(
         "sweep",
@@ -23,7 +23,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(p, SweepConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from .api import run_sweep
+        from raypath.sweep.api import run_sweep
 
         cfg = config_from_args(SweepConfig, args)
         res = run_sweep(cfg)

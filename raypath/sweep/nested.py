@@ -16,7 +16,7 @@ For every held-out cohort C a trial runs one *fold*:
 
 :func:`nested_lodo_plan` returns exactly which slides (and cohorts) each of
 these steps sees for each fold, computed with the very splitter the MIL stage
-uses (:func:`raypath.mil.splits.make_splits`), and :func:`audit_plan` raises
+uses (:func:`raypath.evaluation.splits.make_splits`), and :func:`audit_plan` raises
 if any held-out slide or patient reaches a step that fits or selects.  A
 trial calls both before it trains anything and checks, after each step, that
 the slides the step actually used are the planned ones
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..mil.protocols import validate_clinical
-from ..mil.splits import LeakageError, make_splits
+from raypath.mil.protocols import validate_clinical
+from raypath.evaluation.splits import LeakageError, make_splits
 
 #: Steps that fit or select something: the held-out cohort must never reach them.
 FITTING_STEPS = ("adapt", "train", "selection", "robustness")
@@ -132,7 +132,7 @@ def nested_lodo_plan(
 
 
 def audit_plan(plans: list[FoldPlan], clinical: pd.DataFrame) -> None:
-    """Raise :class:`~raypath.mil.splits.LeakageError` if, in any fold, a
+    """Raise :class:`~raypath.evaluation.splits.LeakageError` if, in any fold, a
     slide or a patient of the held-out cohort reaches a step that fits or
     selects (adapt, train, selection, robustness), or if the test set is not
     exactly the held-out cohort."""

@@ -21,10 +21,10 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import RaypathError
-from ..storage import atomic_write_bytes, exists, join, read_parquet
-from .nested import FoldPlan, audit_plan, check_step
-from .space import SweepSpace, stage_settings
+from raypath.errors import RaypathError
+from raypath.io.storage import atomic_write_bytes, exists, join, read_parquet
+from raypath.sweep.nested import FoldPlan, audit_plan, check_step
+from raypath.sweep.space import SweepSpace, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TrialContext:
 
 
 def _adapt_stage(settings: dict, plan: FoldPlan, run: str) -> str:
-    from ..adapt import AdaptConfig, adapt
+    from raypath.adapt.api import AdaptConfig, adapt
 
     cfg = AdaptConfig(**{**settings, "cohorts": plan.train_cohorts, "run": run})
     res = adapt(cfg)
@@ -65,7 +65,7 @@ def _adapt_used_slides(adapter_dir: str) -> list[str]:
 
 
 def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: str) -> str:
-    from ..embed import EmbedConfig, embed
+    from raypath.embed.api import EmbedConfig, embed
 
     cfg = EmbedConfig(**{**settings, "adapter": adapter_dir, "slide_ids": plan.embed, "feature_dir": feature_dir})
     res = embed(cfg)
@@ -76,9 +76,9 @@ def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: 
 
 
 def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, ray_dir: str):
-    from ..features import FeatureStore
-    from ..mil.api import params_from_config, protocol_kwargs
-    from ..mil.protocols import run_protocol
+    from raypath.embed.store import FeatureStore
+    from raypath.mil.api import params_from_config, protocol_kwargs
+    from raypath.mil.protocols import run_protocol
 
     cfg = mil_config(mil_settings, feature_dir, plan.held_out)
     store = FeatureStore(feature_dir)
@@ -98,7 +98,7 @@ def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, pla
 
 def mil_config(mil_settings: dict, feature_dir: str, held_out: str | None):
     """The ``MilConfig`` of one fold (protocol lodo, in-process by default)."""
-    from ..mil.api import MilConfig
+    from raypath.mil.api import MilConfig
 
     d = dict(mil_settings)
     d.update(features=feature_dir, protocol="lodo")
@@ -109,8 +109,8 @@ def mil_config(mil_settings: dict, feature_dir: str, held_out: str | None):
 
 
 def _robustness_stage(feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, space: SweepSpace) -> dict:
-    from ..features import FeatureStore
-    from ..robustness import metrics as M
+    from raypath.embed.store import FeatureStore
+    from raypath.robustness import metrics as M
 
     rs = space.robustness
     ids = [s for s in plan.robustness if s in set(FeatureStore(feature_dir).slide_ids())]
@@ -309,7 +309,7 @@ def read_trial_record(sweep_dir: str, config: dict) -> list[dict]:
     is suggested again by the restored searcher with the same config, and its
     folds are reused instead of recomputed.
     """
-    from ..storage import open_file
+    from raypath.io.storage import open_file
 
     uri = record_uri(sweep_dir, config)
     if not exists(uri):

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..storage import atomic_write_bytes, join, write_parquet_atomic
-from .nested import FoldPlan
-from .space import ALPHA_RATIO, SweepSpace, decode_params, stage_settings
+from raypath.io.storage import atomic_write_bytes, join, write_parquet_atomic
+from raypath.sweep.nested import FoldPlan
+from raypath.sweep.space import ALPHA_RATIO, SweepSpace, decode_params, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ def _recover_orphans(df: pd.DataFrame, grid, space: SweepSpace, n_folds: int, sw
     """Add trials that finished every fold but that Tune never registered (the
     driver was killed between the trial's end and its next state save), from
     their fold records, with ``recovered=True``."""
-    from ..storage import filesystem_for, is_remote, open_file, strip_protocol
-    from .objective import aggregate, config_key
+    from raypath.io.storage import filesystem_for, is_remote, open_file, strip_protocol
+    from raypath.sweep.objective import aggregate, config_key
 
     known = {config_key(dict(r.config or {})) for r in grid}
     base = join(sweep_dir, "trials")
@@ -178,7 +178,7 @@ def best_configs(
     best: pd.Series, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir: str
 ) -> tuple[dict[str, dict], list[str]]:
     """Stage configs (file name -> config dict) and the commands that re-run the best trial."""
-    from .objective import mil_config
+    from raypath.sweep.objective import mil_config
 
     params = {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:") and k != "param:adapt.alpha"}
     for k, spec in space.space.items():  # list choices were joined for the table
@@ -199,8 +199,8 @@ def best_configs(
         files["mil.yaml"] = m.to_dict()
         cmds.append(f"raypath mil --config {join(best_dir, 'mil.yaml')}")
         return files, cmds
-    from ..adapt import AdaptConfig
-    from ..embed import EmbedConfig
+    from raypath.adapt.api import AdaptConfig
+    from raypath.embed.api import EmbedConfig
 
     for p in plans:
         c = p.held_out
@@ -274,7 +274,7 @@ def param_importances(df: pd.DataFrame, space: SweepSpace) -> dict[str, float]:
     """Optuna's fANOVA importances of the params for the first objective (complete trials)."""
     import optuna
 
-    from .space import optuna_space
+    from raypath.sweep.space import optuna_space
 
     metric = space.metric_names[0]
     dists = optuna_space(space)
@@ -381,7 +381,7 @@ def _jsonable(v):
 def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir: str, clinical: pd.DataFrame):
     import pyarrow as pa
 
-    from .api import SweepResult
+    from raypath.sweep.api import SweepResult
 
     n_folds = len(plans)
     df = mark_front(trials_table(grid, space, n_folds, sweep_dir), space)
@@ -442,7 +442,7 @@ def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir
 
 def _add_fold_epochs(df: pd.DataFrame, grid, sweep_dir: str) -> None:
     """Selected epochs per fold from each trial's fold record (inner selection)."""
-    from .objective import read_trial_record
+    from raypath.sweep.objective import read_trial_record
 
     configs = {}
     for r in grid:

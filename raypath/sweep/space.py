@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import RaypathError
+from raypath.errors import RaypathError
 
 STAGES = ("adapt", "embed", "mil")
 

@@ -1,7 +1,7 @@
 """Building foundation models from registry specs and loading their weights.
 
 :func:`load_backbone` is the one function every stage uses to get a patch
-encoder: it builds the network from its :class:`~raypath.registry.ModelSpec`,
+encoder: it builds the network from its :class:`~raypath.fm.registry.ModelSpec`,
 loads weights from
 
 1. a local file (``.safetensors`` preferred; ``.bin``/``.pth``/``.pt`` through
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import RaypathError
-from .registry import ModelSpec, get_spec
+from raypath.errors import RaypathError
+from raypath.fm.registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
 

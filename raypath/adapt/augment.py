@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RaypathError
+from raypath.errors import RaypathError
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def _load_preview_tiles(image: str | None, slide: str | None, workdir: str | Non
 
     rng = np.random.default_rng(seed)
     if workdir:
-        from .storage import join, read_parquet
+        from raypath.io.storage import join, read_parquet
 
         tiles = read_parquet(join(workdir, "tiles.parquet")).to_pandas()
         slides = read_parquet(join(workdir, "slides.parquet")).to_pandas()
@@ -451,7 +451,7 @@ def _load_preview_tiles(image: str | None, slide: str | None, workdir: str | Non
         out = []
         for sid, grp in tiles.groupby("slide_id", sort=False):
             uri = slides.loc[slides.slide_id == sid, "uri"].iloc[0]
-            from .adapt import read_tile_images
+            from raypath.adapt.api import read_tile_images
 
             for _, imgs in read_tile_images(uri, grp):
                 out.extend(list(imgs))
@@ -471,7 +471,7 @@ def _load_preview_tiles(image: str | None, slide: str | None, workdir: str | Non
     if image is None:
         from pathlib import Path
 
-        image = str(Path(__file__).parent / "data" / "he_target_1000.png")
+        image = str(Path(__file__).resolve().parents[1] / "data" / "he_target_1000.png")
     im = np.asarray(Image.open(image).convert("RGB"))
     h, w = im.shape[:2]
     side = min(h, w, tile_px * 2)
@@ -512,7 +512,7 @@ def augment_preview(out_png: str, strengths: Sequence[float | str] = ("weak", "s
     packaged H&E reference image.  Returns the PNG path."""
     from PIL import Image
 
-    from .storage import atomic_write_bytes
+    from raypath.io.storage import atomic_write_bytes
 
     tiles = _load_preview_tiles(image, slide, workdir, n_tiles, max(view_px, 224), seed)
     grid = preview_grid(tiles, strengths, n_views=n_views, view_px=view_px, seed=seed)

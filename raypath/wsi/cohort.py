@@ -23,9 +23,9 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .errors import RaypathError
-from .schemas import COHORT_OPTIONAL, COHORT_REQUIRED
-from .storage import S3Options, is_remote, open_file, strip_protocol
+from raypath.errors import RaypathError
+from raypath.schemas import COHORT_OPTIONAL, COHORT_REQUIRED
+from raypath.io.storage import S3Options, is_remote, open_file, strip_protocol
 
 #: Columns read as text whatever they look like (ids like ``007`` stay ``007``).
 _TEXT_COLUMNS = ("slide_id", "uri", "patient_id", "cohort", "scanner", "pair_id")

@@ -6,7 +6,7 @@ about a patch encoder without importing it: how to build the network
 ``patch_size``, ``mean``/``std``), how features are read out of its tokens
 (``readout``), how wide they are (``embed_dim``) and which linear layers a
 LoRA/DoRA adapter targets by default.  Weights are resolved by
-:func:`raypath.models.load_backbone` (local file/folder, Hugging Face cache,
+:func:`raypath.fm.backbone.load_backbone` (local file/folder, Hugging Face cache,
 or hub).
 
 Adding a model is adding a row to ``_SPECS`` below; nothing else changes.
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import RaypathError
+from raypath.errors import RaypathError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,7 +13,7 @@ import time
 
 def serve(local_dir: str, bucket: str = "raypath", port: int = 9000) -> None:
     """Upload ``local_dir`` into an embedded S3 endpoint and serve it until Ctrl-C."""
-    from .s3server import start_embedded_s3
+    from raypath.io.s3server import start_embedded_s3
 
     server = start_embedded_s3(port=port)
     try:

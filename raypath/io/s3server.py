@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .storage import S3Options
+from raypath.io.storage import S3Options
 
 log = logging.getLogger(__name__)
 

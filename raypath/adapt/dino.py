@@ -1,6 +1,6 @@
 """DINO v1 self-distillation pieces: head, loss with centring, schedules, EMA.
 
-Plain torch, no Ray: the training loop in :mod:`raypath.adapt` wires these
+Plain torch, no Ray: the training loop in :mod:`raypath.adapt.api` wires these
 together (see METHODS.md §1).
 
 - :class:`DINOHead`: MLP ``d -> hidden -> hidden -> bottleneck`` (GELU),

@@ -20,8 +20,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import RaypathError
-from .storage import S3Options, filesystem_for, is_remote, join, read_parquet, strip_protocol
+from raypath.errors import RaypathError
+from raypath.io.storage import S3Options, filesystem_for, is_remote, join, read_parquet, strip_protocol
 
 MANIFEST = "manifest.json"
 
@@ -162,8 +162,8 @@ def write_bag_table(
     """
     import pyarrow as pa
 
-    from .schemas import features_schema
-    from .storage import write_parquet_atomic
+    from raypath.schemas import features_schema
+    from raypath.io.storage import write_parquet_atomic
 
     features = np.ascontiguousarray(features, dtype=np.dtype(dtype))
     n, dim = features.shape
@@ -208,7 +208,7 @@ def read_manifest(feature_dir: str, s3: S3Options | None = None) -> dict:
 
 def write_manifest(feature_dir: str, manifest: dict, s3: S3Options | None = None) -> str:
     """Write ``manifest.json`` atomically (temp + rename locally, one PUT on S3)."""
-    from .storage import atomic_write_bytes
+    from raypath.io.storage import atomic_write_bytes
 
     uri = join(feature_dir, MANIFEST)
     atomic_write_bytes(uri, json.dumps(manifest, indent=1, sort_keys=True).encode(), s3)
@@ -219,7 +219,7 @@ def file_cache_key(feature_dir: str, slide_id: str, s3: S3Options | None = None)
     """The cache key stored in a slide file's parquet metadata (``None`` if absent/unreadable)."""
     import pyarrow.parquet as pq
 
-    from .storage import open_file
+    from raypath.io.storage import open_file
 
     uri = slide_file(feature_dir, slide_id)
     try:
@@ -265,7 +265,7 @@ def export_h5(
 
     import h5py
 
-    from .storage import atomic_write_bytes
+    from raypath.io.storage import atomic_write_bytes
 
     store = FeatureStore(feature_dir, s3)
     manifest = store.manifest()

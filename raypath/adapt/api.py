@@ -6,10 +6,10 @@ Data flow::
     tiles.parquet (+ slides.parquet: cohort, uri, status == ok)
       -> N random tiles per slide of the chosen cohorts, drawn once
          (adapters/<run>/training_tiles.parquet)
-      -> uint8 tiles (raypath.reader), a Ray Dataset when num_workers >= 1
-      -> per step: multi-crop augmentation on the device (raypath.augment),
+      -> uint8 tiles (raypath.wsi.reader), a Ray Dataset when num_workers >= 1
+      -> per step: multi-crop augmentation on the device (raypath.adapt.augment),
          student = FM + adapter + DINO head on all views, teacher (EMA) on
-         the 2 global views, DINO loss (raypath.dino)
+         the 2 global views, DINO loss (raypath.adapt.dino)
       -> adapters/<run>/: the teacher adapter in peft save_pretrained layout
          (adapter_config.json + adapter_model.safetensors), config.yaml,
          metrics.parquet + metrics.json (one row per epoch)
@@ -44,11 +44,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from . import augment as aug
-from . import dino
-from .config import StageConfig, add_config_arguments, config_from_args
-from .errors import RaypathError
-from .storage import atomic_write_bytes, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
+from raypath.adapt import augment as aug
+from raypath.adapt import dino
+from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.errors import RaypathError
+from raypath.io.storage import atomic_write_bytes, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def sample_training_tiles(workdir: str, tiles_per_slide: int, cohorts: list[str]
 
 def read_tile_images(slide_uri: str, tiles_one_slide: pd.DataFrame, s3=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tile_ids, uint8 images [n, tile_px, tile_px, 3]) of one slide's tiles."""
-    from .reader import read_tiles
+    from raypath.wsi.reader import read_tiles
 
     yield from read_tiles(slide_uri, tiles_one_slide, s3=s3)
 
@@ -279,7 +279,7 @@ def build_student(cfg: AdaptConfig, device: str | torch.device = "cpu") -> DINOM
     """The FM with a fresh adapter and a DINO head (trainable: adapter + head)."""
     from peft import get_peft_model
 
-    from .models import load_backbone
+    from raypath.fm.backbone import load_backbone
 
     bb = load_backbone(cfg.model, weights=cfg.weights, device="cpu")
     spec = bb.spec
@@ -447,7 +447,7 @@ def _publish_outputs(run_dir: str, teacher: DINOModel, metrics: list[dict], cfg:
         teacher.backbone.model.save_pretrained(tmp)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             atomic_write_bytes(join(run_dir, f), Path(tmp, f).read_bytes())
-    from .registry import get_spec
+    from raypath.fm.registry import get_spec
 
     spec = get_spec(cfg.model)
     info = {
@@ -473,7 +473,7 @@ def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_i
     and batches come from ``ray.train.get_dataset_shard("train")`` (which
     holds ``n_rows`` rows in all, split equally between the workers).
     """
-    from .registry import get_spec
+    from raypath.fm.registry import get_spec
 
     spec = get_spec(cfg.model)
     gpx, lpx = aug.crop_sizes(spec.img_size, spec.patch_size)
@@ -682,7 +682,7 @@ def _fit_ray(cfg: AdaptConfig, tiles: pd.DataFrame, run_dir: str) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_env import cluster_cpus, cluster_gpus, ensure_ray
+    from raypath.io.ray_env import cluster_cpus, cluster_gpus, ensure_ray
 
     ensure_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() >= cfg.num_workers
@@ -739,6 +739,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
     # the before/after experiment lives in its own module; cli.py lists only this one
-    from .experiment import add_cli as add_experiment_cli
+    from raypath.adapt.experiment import add_cli as add_experiment_cli
 
     add_experiment_cli(sub)

@@ -3,7 +3,7 @@
 Slides are read with tiffslide (TIFF-based formats: Aperio SVS, generic
 pyramidal TIFF, Leica SCN, Hamamatsu NDPI, Ventana BIF, Philips TIFF).
 Remote slides are opened through an fsspec file whose block size and cache
-type come from :class:`~raypath.storage.S3Options`: s3fs's default 50 MiB
+type come from :class:`~raypath.io.storage.S3Options`: s3fs's default 50 MiB
 read-ahead would fetch 50 MiB per random tile read.
 
 A slide that cannot be used raises :class:`SlideError` whose ``kind`` and
@@ -21,8 +21,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from .errors import RaypathError
-from .storage import S3Options, filesystem_for, is_remote, strip_protocol
+from raypath.errors import RaypathError
+from raypath.io.storage import S3Options, filesystem_for, is_remote, strip_protocol
 
 #: Bytes hashed for the fingerprint: the TIFF header and, for most slides, the first IFDs.
 HEAD_BYTES = 64 * 1024

@@ -31,11 +31,11 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field, ValidationError, model_validator
 
-from .config import StageConfig, add_config_arguments, config_from_args
-from .errors import RaypathError
-from .schemas import SLIDE_STATUS_OK, TILES, TILING_SUMMARY
-from .storage import S3Options, atomic_write_bytes, exists, join, makedirs, read_parquet, write_parquet_atomic
-from .tissue import TissueParams
+from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.errors import RaypathError
+from raypath.schemas import SLIDE_STATUS_OK, TILES, TILING_SUMMARY
+from raypath.io.storage import S3Options, atomic_write_bytes, exists, join, makedirs, read_parquet, write_parquet_atomic
+from raypath.wsi.tissue import TissueParams
 
 log = logging.getLogger(__name__)
 
@@ -314,9 +314,9 @@ def tile_slide(row: dict[str, Any], cfg: TileConfig) -> tuple[pa.Table, dict[str
         never raise: a slide without tissue gets status ``no_tissue`` and a
         warning, a slide that fails gets status ``failed`` and the reason.
     """
-    from .qc import render_qc
-    from .slide_io import classify_exception, opened_slide
-    from .tissue import segment_slide
+    from raypath.wsi.qc import render_qc
+    from raypath.wsi.slide_io import classify_exception, opened_slide
+    from raypath.wsi.tissue import segment_slide
 
     sid = str(row["slide_id"])
     summary: dict[str, Any] = dict(slide_id=sid, n_tiles=0, level=None, read_px=None, status=STATUS_FAILED, warning=None, qc_png=None)
@@ -379,7 +379,7 @@ def _tile_row(item: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
 
 
 def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
-    from .ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray
 
     ensure_ray()
     import ray

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..errors import RaypathError
+from raypath.errors import RaypathError
 
 PROTOCOLS = ("internal", "lodo", "pairwise")
 

@@ -25,8 +25,8 @@ import os
 import posixpath
 from typing import Any, Iterable
 
-from .errors import RaypathError
-from .storage import S3Options, atomic_write_bytes, filesystem_for, is_remote, join, strip_protocol
+from raypath.errors import RaypathError
+from raypath.io.storage import S3Options, atomic_write_bytes, filesystem_for, is_remote, join, strip_protocol
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Pipeline (one Ray Data dataset, streaming, memory bounded by the executor's
 budget rather than the cohort's size)::
 
     slides with tiles (driver: one row per slide to embed)
-      -> read tasks, one per slide           (raypath.reader: each stored JPEG tile decoded once,
+      -> read tasks, one per slide           (raypath.wsi.reader: each stored JPEG tile decoded once,
                                               yields uint8 batches [n, tile_px, tile_px, 3])
       -> actor pool (ActorPoolStrategy)     (EmbedActor: model loaded once per actor; uint8 -> device,
                                               normalise on the device, bf16/fp16 autocast on GPU;
@@ -50,9 +50,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from .config import StageConfig, add_config_arguments, config_from_args
-from .errors import RaypathError
-from .features import (
+from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.errors import RaypathError
+from raypath.embed.store import (
     CACHE_KEY_META,
     MANIFEST_VERSION,
     cache_key,
@@ -61,8 +61,8 @@ from .features import (
     write_bag_table,
     write_manifest,
 )
-from .registry import ModelSpec, get_spec
-from .storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
+from raypath.fm.registry import ModelSpec, get_spec
+from raypath.io.storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def make_model_key(key: str, weights_sha256: str, adapter_sha256: str | None) ->
 
 def model_identity(model: str | ModelSpec, weights: str | None, adapter: str | None) -> ModelIdentity:
     """Hash the weights and adapter without building the model (driver side)."""
-    from .models import _parse_random, _weights_sha256, adapter_sha256, resolve_weights
+    from raypath.fm.backbone import _parse_random, _weights_sha256, adapter_sha256, resolve_weights
 
     spec = get_spec(model) if not isinstance(model, ModelSpec) else model
     seed = _parse_random(weights)
@@ -216,7 +216,7 @@ def decode_tiles(blob: bytes) -> pd.DataFrame:
 def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size: int,
                        num_threads: int = 1, s3: S3Options | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield uint8 tile batches of one slide as Ray Data rows; a failure becomes one error row."""
-    from .reader import read_tiles
+    from raypath.wsi.reader import read_tiles
 
     pos = tiles.set_index("tile_id")[["x", "y"]]
     try:
@@ -252,7 +252,7 @@ class TileEmbedder:
                  channels_last: bool = False, num_threads: int | None = None, dtype: str = "float16"):
         import torch
 
-        from .models import load_backbone
+        from raypath.fm.backbone import load_backbone
 
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
@@ -379,7 +379,7 @@ def _load_inputs(cfg: EmbedConfig, s3: S3Options) -> tuple[pd.DataFrame, pd.Data
 
 def derive_resources(cfg: EmbedConfig) -> tuple[int, float, float]:
     """(actors, gpus per actor, cpus per actor) from the config and ``ray.cluster_resources()``."""
-    from .ray_env import cluster_cpus, cluster_gpus
+    from raypath.io.ray_env import cluster_cpus, cluster_gpus
 
     gpus = cluster_gpus()
     per = cfg.num_gpus_per_actor
@@ -469,7 +469,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     -------
     EmbedResult with one row per slide (``status``: done / skipped / failed).
     """
-    from .ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray
 
     t_start = time.perf_counter()
     s3 = cfg.s3_options()
@@ -745,7 +745,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--slide-ids", nargs="+", default=None, help="only these slides")
 
     def run_h5(args: argparse.Namespace) -> int:
-        from .features import export_h5
+        from raypath.embed.store import export_h5
 
         paths = export_h5(args.feature_dir, args.out_dir, args.slide_ids)
         print(f"wrote {len(paths)} .h5 files to {args.out_dir}")

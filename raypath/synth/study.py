@@ -19,8 +19,8 @@ Design (all deterministic given ``seed``):
 * ``pair_fraction`` of the tissues are also "re-scanned" at another site: the
   same tissue layout rendered with the other site's effects, sharing
   ``pair_id`` with the original (``true_variant_of`` names the original).
-* Slides are rendered by :mod:`raypath.texture` and written by
-  :mod:`raypath.slide_writer` as Aperio-like SVS files.
+* Slides are rendered by :mod:`raypath.synth.texture` and written by
+  :mod:`raypath.synth.slide_writer` as Aperio-like SVS files.
 
 Outputs under ``cfg.out`` (local folder or ``s3://``): ``slides/<slide_id>.svs``,
 ``cohort.csv`` (URIs relative to the table's folder), ``sites.json`` and
@@ -44,11 +44,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, ValidationError, field_validator
 
-from .config import StageConfig, add_config_arguments, config_from_args
-from .errors import RaypathError
-from .slide_writer import SlideGeometry, make_label, write_svs
-from .storage import atomic_write_bytes, filesystem_for, is_remote, join
-from .texture import HE_OD_REFERENCE, StainParams, make_layout, render_rgb_rows
+from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.errors import RaypathError
+from raypath.synth.slide_writer import SlideGeometry, make_label, write_svs
+from raypath.io.storage import atomic_write_bytes, filesystem_for, is_remote, join
+from raypath.synth.texture import HE_OD_REFERENCE, StainParams, make_layout, render_rgb_rows
 
 log = logging.getLogger(__name__)
 
@@ -462,8 +462,8 @@ def _reusable_study(cfg: SynthConfig) -> pd.DataFrame | None:
         return None
     import yaml
 
-    from . import __version__
-    from .storage import exists, open_file
+    from raypath import __version__
+    from raypath.io.storage import exists, open_file
 
     cfg_uri, table_uri = join(cfg.out, "synth_config.yaml"), join(cfg.out, "cohort.csv")
     try:

@@ -20,12 +20,12 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field, ValidationError
 
-from .cohort import read_cohort
-from .config import StageConfig, add_config_arguments, config_from_args
-from .errors import RaypathError
-from .schemas import SLIDE_STATUS_FAILED, SLIDE_STATUS_OK, SLIDES_META
-from .slide_io import NO_MPP, SlideError, classify_exception, read_metadata
-from .storage import S3Options, join, makedirs, write_parquet_atomic
+from raypath.wsi.cohort import read_cohort
+from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.errors import RaypathError
+from raypath.schemas import SLIDE_STATUS_FAILED, SLIDE_STATUS_OK, SLIDES_META
+from raypath.wsi.slide_io import NO_MPP, SlideError, classify_exception, read_metadata
+from raypath.io.storage import S3Options, join, makedirs, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _row_payload(row: pd.Series) -> dict[str, Any]:
 
 
 def _inspect_all_ray(rows: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
-    from .ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray
 
     ray = ensure_ray()
     # num_cpus=1: opening a slide decodes JPEG tiles (CPU) between S3 round trips

@@ -25,9 +25,9 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from .adapt import AdaptConfig, adapt
-from .config import add_config_arguments, config_from_args
-from .storage import atomic_write_bytes, join
+from raypath.adapt.api import AdaptConfig, adapt
+from raypath.config import add_config_arguments, config_from_args
+from raypath.io.storage import atomic_write_bytes, join
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     """Embed before and after adaptation, then compare robustness and LODO
     survival side by side.  Returns the experiment document (also written
     to ``runs/<run>/experiment.json`` with a markdown table)."""
-    from .embed import EmbedConfig, embed
-    from .mil.api import MilConfig, run_mil
-    from .robustness.api import RobustnessConfig, compare
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.mil.api import MilConfig, run_mil
+    from raypath.robustness.api import RobustnessConfig, compare
 
     t0 = time.time()
     out_dir = join(cfg.workdir, "runs", cfg.run)

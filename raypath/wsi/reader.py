@@ -46,8 +46,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import RaypathError
-from .storage import S3Options, filesystem_for, is_remote, strip_protocol
+from raypath.errors import RaypathError
+from raypath.io.storage import S3Options, filesystem_for, is_remote, strip_protocol
 
 log = logging.getLogger(__name__)
 
