@@ -27,6 +27,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath.config import StageConfig
+from raypath.io.jsonio import to_jsonable
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
 from raypath.mil.protocols import ProtocolOutput, run_protocol
@@ -173,18 +174,6 @@ def _fingerprint(cfg: MilConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _json_safe(v):
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if hasattr(v, "item"):
-        return _json_safe(v.item())
-    return v
-
-
 def summary_table(summary: dict) -> pd.DataFrame:
     """Flatten ``summary['groups']`` into rows of (name, set, cohort, metric, mean, sd, CI)."""
     rows = []
@@ -209,7 +198,7 @@ def write_outputs(out: ProtocolOutput, cfg: MilConfig, run_dir: str) -> None:
         "summary": out.summary,
         "folds": out.fold_metrics.to_dict(orient="records"),
     }
-    atomic_write_bytes(join(run_dir, "metrics.json"), json.dumps(_json_safe(doc), indent=2).encode())
+    atomic_write_bytes(join(run_dir, "metrics.json"), json.dumps(to_jsonable(doc), indent=2).encode())
     for name, df in (
         ("predictions", out.predictions),
         ("curves", out.curves),

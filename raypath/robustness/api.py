@@ -32,6 +32,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath import __version__
+from raypath.io.jsonio import to_jsonable
 from raypath.config import StageConfig
 from raypath.errors import RaypathError
 from raypath.embed.store import FeatureStore
@@ -290,22 +291,8 @@ def headline(res: dict) -> dict:
     return {key: _get(res, path) for key, path, _ in HEADLINE}
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    return o
-
-
 def write_json(uri: str, doc: dict, s3: S3Options | None = None) -> None:
-    atomic_write_bytes(uri, json.dumps(_jsonable(doc), indent=2).encode(), s3)
+    atomic_write_bytes(uri, json.dumps(to_jsonable(doc), indent=2).encode(), s3)
 
 
 # --------------------------------------------------------------------------- plots
@@ -463,7 +450,7 @@ def _one(cfg: RobustnessConfig, feature_dir: str, slides: pd.DataFrame, out_dir:
         doc["plots_skipped"] = draw_plots(X, meta, doc["metrics"], arrays, cfg, out_dir, label, s3)
     doc["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     write_json(join(out_dir, RESULT_FILE), doc, s3)
-    return _jsonable(doc)
+    return to_jsonable(doc)
 
 
 def run_robustness(cfg: RobustnessConfig, s3: S3Options | None = None) -> dict:
@@ -542,4 +529,4 @@ def compare(
         "b": b,
     }
     write_json(join(out_dir, COMPARISON_FILE), doc, s3)
-    return {**_jsonable(doc), "run_dir": out_dir}
+    return {**to_jsonable(doc), "run_dir": out_dir}

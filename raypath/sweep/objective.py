@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from raypath.errors import RaypathError
+from raypath.io.jsonio import to_jsonable
 from raypath.io.storage import atomic_write_bytes, exists, join, read_parquet
 from raypath.sweep.nested import FoldPlan, audit_plan, check_step
 from raypath.sweep.space import SweepSpace, stage_settings
@@ -288,7 +289,7 @@ def config_key(config: dict) -> str:
     """Stable id of a trial's sampled config (fold records are stored under it)."""
     import hashlib
 
-    text = json.dumps(config, sort_keys=True, default=_json_default)
+    text = json.dumps(to_jsonable(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -298,7 +299,7 @@ def record_uri(sweep_dir: str, config: dict) -> str:
 
 def _write_trial_record(ctx: TrialContext, tag: str, config: dict, folds: list[dict]) -> None:
     doc = {"trial_id": tag, "config_key": config_key(config), "config": config, "folds": folds}
-    atomic_write_bytes(record_uri(ctx.sweep_dir, config), json.dumps(doc, indent=2, default=_json_default).encode())
+    atomic_write_bytes(record_uri(ctx.sweep_dir, config), json.dumps(to_jsonable(doc), indent=2).encode())
 
 
 def read_trial_record(sweep_dir: str, config: dict) -> list[dict]:
@@ -317,11 +318,3 @@ def read_trial_record(sweep_dir: str, config: dict) -> list[dict]:
     with open_file(uri, "rb") as f:
         doc = json.load(f)
     return list(doc.get("folds", []))
-
-
-def _json_default(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return str(v)

@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from raypath.io.storage import atomic_write_bytes, join, write_parquet_atomic
+from raypath.io.jsonio import to_jsonable
 from raypath.sweep.nested import FoldPlan
 from raypath.sweep.space import ALPHA_RATIO, SweepSpace, decode_params, stage_settings
 
@@ -362,22 +363,6 @@ def _save_fig(fig, uri: str) -> None:
 # --------------------------------------------------------------------------- all outputs
 
 
-def _jsonable(v):
-    if isinstance(v, (np.floating,)):
-        v = float(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    return v
-
-
 def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir: str, clinical: pd.DataFrame):
     import pyarrow as pa
 
@@ -389,7 +374,7 @@ def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir
     table = df.copy()
     for c in table.columns:  # parquet wants one type per column
         if table[c].map(lambda v: isinstance(v, (list, dict))).any():
-            table[c] = table[c].map(lambda v: json.dumps(_jsonable(v)))
+            table[c] = table[c].map(lambda v: json.dumps(to_jsonable(v)))
     write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), join(sweep_dir, "trials.parquet"))
     atomic_write_bytes(join(sweep_dir, "trials.csv"), table.to_csv(index=False).encode())
 
@@ -404,18 +389,18 @@ def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir
         best_doc = {
             "sweep": cfg.name,
             "trial_id": best["trial_id"],
-            "objectives": {m: _jsonable(best[m]) for m in space.metric_names},
-            "metrics": {k: _jsonable(best[k]) for k in best.index
+            "objectives": {m: to_jsonable(best[m]) for m in space.metric_names},
+            "metrics": {k: to_jsonable(best[k]) for k in best.index
                         if k.startswith(("external_", "internal_")) or k in ("mean_external", "worst_external",
                                                                             "worst_cohort", "mean_internal",
                                                                             "site_probe_bacc", "kmeans_purity")},
-            "params": {k[len("param:"):]: _jsonable(v) for k, v in best.items() if k.startswith("param:")},
+            "params": {k[len("param:"):]: to_jsonable(v) for k, v in best.items() if k.startswith("param:")},
             "inner_selection": space.inner_selection,
             "commands": cmds,
             "configs": files,
         }
         atomic_write_bytes(join(sweep_dir, "best_config.yaml"),
-                           yaml.safe_dump(_jsonable(best_doc), sort_keys=False).encode())
+                           yaml.safe_dump(to_jsonable(best_doc), sort_keys=False).encode())
 
     plot_objectives(df, space, join(sweep_dir, "objective_per_trial.png"))
     imp = param_importances(df, space)
@@ -436,7 +421,7 @@ def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir
         "best": best_doc,
         "nested_lodo": {p.held_out: p.cohorts_seen(clinical) for p in plans},
     }
-    atomic_write_bytes(join(sweep_dir, "sweep.json"), json.dumps(_jsonable(summary), indent=2).encode())
+    atomic_write_bytes(join(sweep_dir, "sweep.json"), json.dumps(to_jsonable(summary), indent=2).encode())
     return SweepResult(sweep_dir, df, best_doc, n_folds)
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationError, model_validator
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.io.jsonio import to_jsonable
 from raypath.errors import RaypathError
 from raypath.schemas import SLIDE_STATUS_OK, TILES, TILING_SUMMARY
 from raypath.io.storage import S3Options, atomic_write_bytes, exists, join, makedirs, read_parquet, write_parquet_atomic
@@ -367,15 +368,25 @@ def tile_slide(row: dict[str, Any], cfg: TileConfig) -> tuple[pa.Table, dict[str
         return empty, summary
 
 
-def _tile_row(item: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
-    """Ray Data map: one slide in, one row out (tiles as Arrow IPC bytes so
-    empty and non-empty slides share one block schema)."""
-    row = json.loads(item["row_json"])
+def _tile_and_write(row: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
+    """Tile one slide and write its rows as ``tiles.parquet/slide-<id>.parquet`` (worker side);
+    only the summary goes back to the driver, so its memory does not grow with the tiles."""
+    from raypath.wsi.tile_table import write_slide_tiles
+
     tiles, summary = tile_slide(row, cfg)
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, TILES) as writer:
-        writer.write_table(tiles)
-    return {"slide_id": row["slide_id"], "summary_json": json.dumps(summary), "tiles_ipc": sink.getvalue()}
+    if tiles.num_rows:
+        try:
+            write_slide_tiles(cfg.workdir, str(row["slide_id"]), tiles, cfg.s3_options())
+        except Exception as e:  # storage error: the slide is recorded as failed, the run goes on
+            summary.update(status=STATUS_FAILED, n_tiles=0,
+                           warning=f"writing its tiles failed ({type(e).__name__}: {e}); re-run `raypath tile`")
+    return summary
+
+
+def _tile_row(item: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
+    """Ray Data map: one slide in, its summary out (the tiles are written by the task)."""
+    row = json.loads(item["row_json"])
+    return {"slide_id": row["slide_id"], "summary_json": json.dumps(_tile_and_write(row, cfg))}
 
 
 def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
@@ -384,11 +395,11 @@ def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]
     ensure_ray()
     import ray
 
-    items = [{"row_json": json.dumps(r, default=_json_default)} for r in rows]
+    items = [{"row_json": json.dumps(to_jsonable(r))} for r in rows]
     # one block per slide -> one task per slide; slides are opened inside the task
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(_tile_row, fn_kwargs={"cfg": cfg}, num_cpus=1)
-    return ds.take_all()
+    return list(ds.iter_rows())  # one small summary per slide, never tile rows
 
 
 def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
@@ -397,7 +408,7 @@ def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str,
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=1)(_tile_row)
-    refs = [task.remote({"row_json": json.dumps(r, default=_json_default)}, cfg) for r in rows]
+    refs = [task.remote({"row_json": json.dumps(to_jsonable(r))}, cfg) for r in rows]
     outs = []
     for r, ref in zip(rows, refs):
         try:
@@ -405,23 +416,20 @@ def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str,
         except Exception as e:
             summary = dict(slide_id=r["slide_id"], n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
                            warning=f"unreadable: the worker tiling this slide died ({type(e).__name__})", qc_png=None)
-            sink = io.BytesIO()
-            with pa.ipc.new_stream(sink, TILES) as writer:
-                writer.write_table(TILES.empty_table())
-            outs.append({"slide_id": r["slide_id"], "summary_json": json.dumps(summary), "tiles_ipc": sink.getvalue()})
+            outs.append({"slide_id": r["slide_id"], "summary_json": json.dumps(summary)})
     return outs
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, pd.Timestamp):
-        return v.isoformat()
-    return str(v)
+def _tile_all(rows: list[dict[str, Any]], cfg: TileConfig) -> dict[str, dict[str, Any]]:
+    """Summary per slide id; every slide's tiles are written by whoever tiled it."""
+    if not (cfg.use_ray and rows):
+        return {r["slide_id"]: _tile_and_write(r, cfg) for r in rows}
+    try:
+        outs = _run_ray(rows, cfg)
+    except Exception as e:  # Ray Data gives up on the dataset when a task keeps dying
+        log.warning("tile: Ray Data run failed (%s: %s); tiling slide by slide", type(e).__name__, e)
+        outs = _run_isolated(rows, cfg)
+    return {out["slide_id"]: json.loads(out["summary_json"]) for out in outs}
 
 
 # --------------------------------------------------------------------------- stage
