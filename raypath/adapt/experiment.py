@@ -26,6 +26,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath.adapt.api import AdaptConfig, adapt
+from raypath.evaluation.meanings import better
 from raypath.config import add_config_arguments, config_from_args
 from raypath.io.storage import atomic_write_bytes, join
 
@@ -53,14 +54,14 @@ class ExperimentConfig(AdaptConfig):
 
 #: rows of the table: (label, where in the result, direction meaning "more robust / better")
 _ROBUSTNESS_ROWS = [
-    ("site probe balanced accuracy", "site_probe_balanced_accuracy", "lower"),
+    ("site probe balanced accuracy", "site_probe_balanced_accuracy", better("site_probe_balanced_accuracy")),
     ("site probe chance", "site_probe_chance", None),
-    ("KMeans cohort purity", "kmeans_purity", "lower"),
+    ("KMeans cohort purity", "kmeans_purity", better("kmeans_purity")),
     ("KMeans purity chance", "kmeans_chance_purity", None),
-    ("robustness index (RI)", "robustness_index", "higher"),
-    ("CRoMa median", "croma_median", "higher"),
-    ("clustering score (ARI bio - ARI centre)", "clustering_score", "higher"),
-    ("cohort silhouette", "cohort_silhouette", "lower"),
+    ("robustness index (RI)", "robustness_index", better("robustness_index")),
+    ("CRoMa median", "croma_median", better("croma_median")),
+    ("clustering score (ARI bio - ARI centre)", "clustering_score", better("clustering_score")),
+    ("cohort silhouette", "cohort_silhouette", better("cohort_silhouette")),
 ]
 
 

@@ -26,46 +26,15 @@ import posixpath
 from typing import Any, Iterable
 
 from raypath.errors import RaypathError
+from raypath.evaluation.meanings import METRICS
 from raypath.io.storage import S3Options, atomic_write_bytes, filesystem_for, is_remote, join, strip_protocol
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 
-#: One sentence per robustness metric: (label, how to read it, direction).
-METRIC_HELP: dict[str, tuple[str, str, str | None]] = {
-    "site_probe_balanced_accuracy": (
-        "Site probe", "balanced accuracy of a logistic regression predicting the cohort from "
-        "features (CV grouped by patient); chance = 1/n_cohorts", "lower"),
-    "site_probe_chance": ("Site probe chance", "balanced accuracy of guessing", None),
-    "kmeans_purity": (
-        "KMeans cohort purity", "max cohort share per KMeans cluster, mean over clusters and "
-        "repeats; compare with the chance purity", "lower"),
-    "kmeans_chance_purity": ("Purity at full mixing", "purity with cohort labels shuffled over "
-                             "the same clusters", None),
-    "robustness_index": (
-        "Robustness index RI", "share of same-biology/other-centre among typed neighbours "
-        "(SO / (SO + OS)); compare with the chance RI (0.5 for a balanced 2x2 design); "
-        "1 = biology dominates", "higher"),
-    "robustness_index_chance": ("RI of random neighbours", "RI expected by chance for these "
-                                "label/centre frequencies (0.5 only for a balanced 2x2 design)", None),
-    "robustness_index_k": ("RI k", "neighbourhood size used for RI", None),
-    "croma_median": ("CRoMa median", "per-tile (d_OS - d_SO)/(d_OS + d_SO); > 0 the biological "
-                     "match is nearer than the same-centre impostor, 0 neutral", "higher"),
-    "croma_worst10_mean": ("CRoMa worst-10% mean", "mean of the lowest 10% of per-tile CRoMa", "higher"),
-    "croma_frac_le_0": ("CRoMa fraction <= 0", "share of tiles whose same-centre impostor is at "
-                        "least as near as their biological match", "lower"),
-    "clustering_score": ("Clustering score", "ARI(biology, KMeans) - ARI(centre, KMeans); > 0 "
-                         "clusters follow biology, 0 neutral", "higher"),
-    "cohort_silhouette": ("Cohort silhouette", "silhouette with cohorts as clusters; ~0 or "
-                          "below = cohorts mixed", "lower"),
-    "cohort_calinski_harabasz": ("Cohort Calinski-Harabasz", "between/within cohort dispersion "
-                                 "ratio; ~1 = no cohort structure", "lower"),
-    "cohort_davies_bouldin": ("Cohort Davies-Bouldin", "cohort spread relative to centroid "
-                              "separation; large = cohorts overlap", "higher"),
-    "cohort_between_within_ratio": ("Between/within cohort distance", "mean centroid distance "
-                                    "over mean within-cohort distance", "lower"),
-}
+#: One sentence per metric: (label, how to read it, direction) -- from the one table.
+METRIC_HELP: dict[str, tuple[str, str, str | None]] = {k: (m.label, m.help, m.better) for k, m in METRICS.items()}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1500px}

@@ -32,6 +32,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath import __version__
+from raypath.evaluation.meanings import better
 from raypath.io.jsonio import to_jsonable
 from raypath.config import StageConfig
 from raypath.errors import RaypathError
@@ -50,25 +51,26 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "robustness.json"
 COMPARISON_FILE = "comparison.json"
 
-#: Headline numbers: (key, path in the result, direction) where direction says
-#: which way is more robust ("lower" / "higher").
-HEADLINE = [
-    ("site_probe_balanced_accuracy", ("site_probe", "balanced_accuracy"), "lower"),
-    ("site_probe_chance", ("site_probe", "chance"), None),
-    ("kmeans_purity", ("kmeans_purity", "purity"), "lower"),
-    ("kmeans_chance_purity", ("kmeans_purity", "chance_purity"), None),
-    ("robustness_index", ("robustness_index", "ri"), "higher"),
-    ("robustness_index_chance", ("robustness_index", "chance"), None),
-    ("robustness_index_k", ("robustness_index", "k"), None),
-    ("croma_median", ("croma", "median"), "higher"),
-    ("croma_worst10_mean", ("croma", "worst_tail_mean"), "higher"),
-    ("croma_frac_le_0", ("croma", "frac_le_0"), "lower"),
-    ("clustering_score", ("clustering_score", "score"), "higher"),
-    ("cohort_silhouette", ("cohort_clusters", "silhouette"), "lower"),
-    ("cohort_calinski_harabasz", ("cohort_clusters", "calinski_harabasz"), "lower"),
-    ("cohort_davies_bouldin", ("cohort_clusters", "davies_bouldin"), "higher"),
-    ("cohort_between_within_ratio", ("cohort_clusters", "between_within_ratio"), "lower"),
+#: Headline numbers: (key, path in the result).
+_HEADLINE_PATHS = [
+    ("site_probe_balanced_accuracy", ("site_probe", "balanced_accuracy")),
+    ("site_probe_chance", ("site_probe", "chance")),
+    ("kmeans_purity", ("kmeans_purity", "purity")),
+    ("kmeans_chance_purity", ("kmeans_purity", "chance_purity")),
+    ("robustness_index", ("robustness_index", "ri")),
+    ("robustness_index_chance", ("robustness_index", "chance")),
+    ("robustness_index_k", ("robustness_index", "k")),
+    ("croma_median", ("croma", "median")),
+    ("croma_worst10_mean", ("croma", "worst_tail_mean")),
+    ("croma_frac_le_0", ("croma", "frac_le_0")),
+    ("clustering_score", ("clustering_score", "score")),
+    ("cohort_silhouette", ("cohort_clusters", "silhouette")),
+    ("cohort_calinski_harabasz", ("cohort_clusters", "calinski_harabasz")),
+    ("cohort_davies_bouldin", ("cohort_clusters", "davies_bouldin")),
+    ("cohort_between_within_ratio", ("cohort_clusters", "between_within_ratio")),
 ]
+#: ... with the direction that is more robust (from the one table of metric meanings).
+HEADLINE = [(key, path, better(key)) for key, path in _HEADLINE_PATHS]
 
 
 class RobustnessConfig(StageConfig):

@@ -35,16 +35,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raypath.errors import RaypathError
+from raypath.evaluation.meanings import METRICS
 
 STAGES = ("adapt", "embed", "mil")
 
-#: Metrics a trial reports that can be objectives, with the direction that is better.
+#: Metrics a trial reports that can be objectives, with the direction that is
+#: better (from the one table of metric meanings).
 OBJECTIVE_METRICS = {
-    "mean_external": "max",  # mean over folds of the held-out cohort's C-index / AUROC
-    "worst_external": "max",  # worst held-out cohort
-    "mean_internal": "max",  # inner selection set (training cohorts), mean over folds
-    "site_probe_bacc": "min",  # site-probe balanced accuracy on training cohorts' tiles
-    "kmeans_purity": "min",  # KMeans cohort purity on training cohorts' tiles
+    k: METRICS[k].mode for k in ("mean_external", "worst_external", "mean_internal", "site_probe_bacc", "kmeans_purity")
 }
 
 #: Separator that turns a list choice (e.g. target modules) into an Optuna label.
