@@ -115,3 +115,78 @@ def test_cohort_table_on_s3(s3_server, tmp_path):
     base = s3_server.upload_dir(folder, "cohort-test")
     df = read_cohort(f"{base}/cohort.csv")
     assert df["uri"].tolist() == [f"{base}/a.svs", f"{base}/b.svs", f"{base}/c.svs"]
+
+
+# --------------------------------------------------------------------------- one reader for every user table
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_extra_field_in_data_rows_is_refused_not_shifted(tmp_path):
+    """pandas takes the first column as an index when data rows have one more
+    field than the header, shifting every column: refused, naming the rows."""
+    from raypath.wsi.cohort import read_table
+
+    text = "slide_id,uri,patient_id,cohort\ns1,a.svs,p1,A,oops\ns2,b.svs,p2,B\ns3,c.svs,p3,B,x\n"
+    uri = _write(tmp_path / "c.csv", text)
+    with pytest.raises(RaypathError, match=r"data row\(s\) 1, 3 have more fields than the header"):
+        read_cohort(uri)
+    with pytest.raises(RaypathError, match="more fields"):
+        read_table(uri, kind="clinical")
+    # a delimiter closing every line (header too) is only an empty column: fine
+    ok = _write(tmp_path / "t.csv", "slide_id,uri,patient_id,cohort,\ns1,a.svs,p1,A,\n")
+    assert list(read_cohort(ok).columns) == ["slide_id", "uri", "patient_id", "cohort"]
+
+
+@pytest.mark.parametrize("bad", ["slide 1", "-s1", ".hidden", "a/b", "s1;rm", "é1"])
+def test_slide_ids_outside_the_contract_are_refused(tmp_path, bad):
+    df = _table(slide_id=["s0", bad, "s2"])
+    with pytest.raises(RaypathError, match=r"letters, digits.*row 2"):
+        validate_cohort(df)
+    uri = _write(tmp_path / "c.tsv", df.to_csv(sep="\t", index=False))
+    with pytest.raises(RaypathError, match="row 2"):
+        read_cohort(uri)
+    # ids with - _ . inside are fine
+    assert validate_cohort(_table(slide_id=["a-1", "b_2.svs", "C.3-x"]))["slide_id"].tolist() == ["a-1", "b_2.svs", "C.3-x"]
+
+
+def test_tsv_and_every_kind_keep_ids_as_text(tmp_path):
+    from raypath.wsi.cohort import TABLE_KINDS, read_table
+
+    text = "slide_id\tpatient_id\tcohort\ttime\tevent\n007\tNA\t01\t5.5\t1\n010\t0010\t02\t3\t0\n"
+    uri = _write(tmp_path / "clin.tsv", text)
+    for kind in TABLE_KINDS:
+        if kind in ("cohort", "prediction"):
+            continue  # need uri
+        df = read_table(uri, kind=kind)
+        assert df["slide_id"].tolist() == ["007", "010"]
+        assert df["patient_id"].tolist() == ["NA", "0010"] and df["cohort"].tolist() == ["01", "02"]
+        assert df["time"].tolist() == [5.5, 3.0]
+    with pytest.raises(RaypathError, match="missing required column.*uri"):
+        read_table(uri, kind="prediction")
+    with pytest.raises(RaypathError, match="missing required column.*label"):
+        read_table(uri, kind="clinical", required=["slide_id", "label"])
+    with pytest.raises(RaypathError, match="unknown format"):
+        read_table(_write(tmp_path / "x.xlsx", "a"), kind="clinical")
+    with pytest.raises(RaypathError, match="not UTF-8"):
+        (tmp_path / "l.csv").write_bytes("slide_id\nsl\xe9\n".encode("latin-1"))
+        read_table(str(tmp_path / "l.csv"), kind="clinical")
+
+
+def test_cohort_mpp_contradicting_the_file_is_reported(tmp_path, cmu_slide):
+    """CMU-1-Small-Region records 0.499 um/px: a table saying 0.25 is named in
+    the ingest summary (the file's value is used), one saying 0.5 is not."""
+    from raypath.wsi.cohort import mpp_conflicts
+    from raypath.wsi.ingest import IngestConfig, ingest, summarize
+
+    df = _table(uri=[str(cmu_slide)] * 3, mpp=[0.25, 0.5, None])
+    df.to_csv(tmp_path / "c.csv", index=False)
+    out = ingest(IngestConfig(cohort=str(tmp_path / "c.csv"), workdir=str(tmp_path / "wd"), use_ray=False))
+    assert (out["mpp_source"] == "file").all() and out["mpp_x"].round(3).tolist() == [0.499] * 3
+    msgs = mpp_conflicts(out)
+    assert len(msgs) == 1 and "slide s1" in msgs[0] and "0.25" in msgs[0] and "0.499" in msgs[0]
+    text = summarize(out)
+    assert "MPP CONFLICT slide s1" in text and "s2" not in text.split("MPP CONFLICT", 1)[1]

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field, ValidationError
 
-from raypath.wsi.cohort import read_cohort
+from raypath.wsi.cohort import mpp_conflicts, read_cohort
 from raypath.config import StageConfig, add_config_arguments, config_from_args
 from raypath.errors import RaypathError
 from raypath.schemas import SLIDE_STATUS_FAILED, SLIDE_STATUS_OK, SLIDES_META
@@ -192,6 +192,8 @@ def ingest(cfg: IngestConfig) -> pd.DataFrame:
     log.info("ingest: %d ok, %d failed -> %s", n_ok, len(df) - n_ok, out)
     for _, r in df[df["status"] != SLIDE_STATUS_OK].iterrows():
         log.warning("ingest: slide %s failed: %s", r["slide_id"], r["error"])
+    for msg in mpp_conflicts(df):  # a table mpp that contradicts the file's is never ignored silently
+        log.warning("ingest: %s", msg)
     return df
 
 
@@ -201,6 +203,7 @@ def summarize(df: pd.DataFrame) -> str:
     lines = [f"{len(df)} slides: {n_ok} ok, {len(df) - n_ok} failed"]
     for _, r in df[df["status"] != SLIDE_STATUS_OK].iterrows():
         lines.append(f"  FAILED {r['slide_id']}: {r['error']}")
+    lines += [f"  MPP CONFLICT {m}" for m in mpp_conflicts(df)]
     return "\n".join(lines)
 
 
