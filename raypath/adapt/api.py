@@ -45,6 +45,8 @@ import torch.nn as nn
 from pydantic import Field
 
 from raypath.adapt import augment as aug
+from raypath.wsi.reader import read_tiles
+from raypath.wsi.tile_images import load_tile_images
 from raypath.adapt import dino
 from raypath.config import StageConfig, add_config_arguments, config_from_args
 from raypath.errors import RaypathError
@@ -157,12 +159,15 @@ def sample_training_tiles(workdir: str, tiles_per_slide: int, cohorts: list[str]
         if missing:
             raise RaypathError(f"cohorts {missing} have no usable slides in {slides_uri}; known cohorts: {sorted(slides['cohort'].astype(str).unique())}")
         slides = slides[slides["cohort"].astype(str).isin(cohorts)]
-    tiles = read_parquet(tiles_uri).to_pandas()
-    tiles = tiles[tiles["slide_id"].isin(slides["slide_id"])]
-    if tiles.empty:
+    from raypath.wsi.tile_table import read_slide_tiles, tile_counts
+
+    counts = tile_counts(workdir)
+    ids = sorted(set(counts.index[counts > 0]) & set(slides["slide_id"].astype(str)))
+    if not ids:
         raise RaypathError(f"no tiles for the selected slides in {tiles_uri}: check --cohorts and the tiling summary")
     picked = []
-    for sid, grp in tiles.groupby("slide_id", sort=True):
+    for sid in ids:  # one slide's rows at a time: memory does not grow with the cohort
+        grp = read_slide_tiles(workdir, sid)
         rng = np.random.default_rng(_seed_of(seed, sid))
         idx = rng.choice(len(grp), size=min(tiles_per_slide, len(grp)), replace=False)
         picked.append(grp.iloc[np.sort(idx)])
@@ -171,28 +176,11 @@ def sample_training_tiles(workdir: str, tiles_per_slide: int, cohorts: list[str]
     return out.merge(meta, on="slide_id", how="left")
 
 
-def read_tile_images(slide_uri: str, tiles_one_slide: pd.DataFrame, s3=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tile_ids, uint8 images [n, tile_px, tile_px, 3]) of one slide's tiles."""
-    from raypath.wsi.reader import read_tiles
-
-    yield from read_tiles(slide_uri, tiles_one_slide, s3=s3)
-
-
-def load_tile_images(tiles: pd.DataFrame) -> np.ndarray:
-    """All selected tiles as one uint8 array, in ``tiles`` row order (in-process path)."""
-    by_key: dict[tuple[str, int], np.ndarray] = {}
-    for (sid, uri), grp in tiles.groupby(["slide_id", "uri"], sort=False):
-        for ids, imgs in read_tile_images(uri, grp):
-            for i, im in zip(ids, imgs):
-                by_key[(sid, int(i))] = im
-    return np.stack([by_key[(s, int(t))] for s, t in zip(tiles["slide_id"], tiles["tile_id"])])
-
-
 def _read_slide_tiles(batch: dict) -> dict:
     """Ray Data UDF: one slide's selected tiles -> rows with an ``image`` column."""
     ids_out, imgs_out, sids = [], [], []
     for sid, uri, rows in zip(batch["slide_id"], batch["uri"], batch["tiles_json"]):
-        for ids, imgs in read_tile_images(uri, pd.DataFrame(json.loads(rows))):
+        for ids, imgs in read_tiles(uri, pd.DataFrame(json.loads(rows))):
             ids_out.append(ids)
             imgs_out.append(imgs)
             sids += [sid] * len(ids)

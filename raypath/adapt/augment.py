@@ -448,14 +448,9 @@ def _load_preview_tiles(image: str | None, slide: str | None, workdir: str | Non
         tiles = read_parquet(join(workdir, "tiles.parquet")).to_pandas()
         slides = read_parquet(join(workdir, "slides.parquet")).to_pandas()
         tiles = tiles.sample(n=min(n_tiles, len(tiles)), random_state=seed)
-        out = []
-        for sid, grp in tiles.groupby("slide_id", sort=False):
-            uri = slides.loc[slides.slide_id == sid, "uri"].iloc[0]
-            from raypath.adapt.api import read_tile_images
+        from raypath.wsi.tile_images import load_tile_images
 
-            for _, imgs in read_tile_images(uri, grp):
-                out.extend(list(imgs))
-        return np.stack(out[:n_tiles])
+        return load_tile_images(tiles.merge(slides[["slide_id", "uri"]], on="slide_id"))
     if slide:
         import tiffslide
 

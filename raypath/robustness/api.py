@@ -32,6 +32,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath import __version__
+from raypath.wsi.tile_images import read_tile_dict
 from raypath.evaluation.meanings import better
 from raypath.io.jsonio import to_jsonable
 from raypath.config import StageConfig
@@ -371,7 +372,6 @@ def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
     if not selection:
         return "no cluster large enough"
     wanted = sorted({int(rows[i]) for s in selection for band in s["bands"].values() for i in band})
-    tiles = read_parquet(tiles_uri, s3).to_pandas()
     want = pd.DataFrame({
         "slide_id": meta["slide_id"].astype(str).to_numpy()[wanted],
         "tile_id": meta["tile_id"].to_numpy()[wanted],
@@ -380,6 +380,9 @@ def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
         "row": wanted,
     })
     read_cols = ["slide_id", "tile_id", "x", "y", "level", "read_px", "tile_px"]
+    from raypath.wsi.tile_table import read_tile_table
+
+    tiles = read_tile_table(cfg.workdir, s3, slide_ids=set(want["slide_id"]), columns=read_cols)  # shown slides only
     want = want.merge(tiles[read_cols].astype({"slide_id": str}), on=["slide_id", "tile_id"], how="left")
     images: dict[int, np.ndarray] = {}
     errors = []
@@ -388,7 +391,7 @@ def _draw_gallery(X, meta, res, km, cfg, out_dir, title, s3) -> str | None:
             errors.append(f"{sid}: tiles not in tiles.parquet")
             continue
         try:
-            by_tile = P.read_tile_images(
+            by_tile = read_tile_dict(
                 uri, grp[read_cols[1:]].astype({"level": int, "read_px": int, "tile_px": int}), s3)
         except Exception as e:  # unreadable slide: the gallery shows n/a
             errors.append(f"{sid}: {e}")

@@ -2,19 +2,19 @@
 
 Every function returns PNG bytes (matplotlib, Agg backend) so the caller
 decides where they go (local folder or S3, inlined into the HTML report).
-Galleries read the tiles back from the slides through
-``raypath.wsi.reader.read_tiles`` when that module exists, else through a small
-tiffslide fallback (:func:`read_tiles_fallback`).
+Galleries read the tiles back from the slides through the one fast reader
+(:mod:`raypath.wsi.tile_images`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
 
 log = logging.getLogger(__name__)
 
@@ -183,55 +183,6 @@ def croma_histogram(values: np.ndarray, title: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- galleries
-
-
-def read_tiles_fallback(
-    slide_uri: str, tiles: pd.DataFrame, s3=None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Read tiles of one slide with tiffslide: yields ``(tile_ids, uint8 [n, px, px, 3])``.
-
-    ``tiles`` rows need tile_id, x, y (level-0 px), level, read_px, tile_px.
-    Used until/unless ``raypath.wsi.reader.read_tiles`` is available.
-    """
-    import tiffslide
-    from PIL import Image
-
-    from raypath.io.storage import S3Options, is_remote
-
-    kw = {}
-    if is_remote(slide_uri):
-        kw["storage_options"] = (s3 or S3Options.from_env()).storage_options()
-    with tiffslide.TiffSlide(slide_uri, **kw) as slide:
-        for row in tiles.itertuples(index=False):
-            region = slide.read_region((int(row.x), int(row.y)), int(row.level),
-                                       (int(row.read_px), int(row.read_px)))
-            img = region.convert("RGB")
-            px = int(row.tile_px)
-            if img.size != (px, px):
-                img = img.resize((px, px), Image.BILINEAR)
-            yield np.array([row.tile_id]), np.asarray(img, dtype=np.uint8)[None]
-
-
-def read_tile_images(slide_uri: str, tiles: pd.DataFrame, s3=None) -> dict[int, np.ndarray]:
-    """``{tile_id: uint8 [px, px, 3]}`` for the given tiles of one slide."""
-    try:
-        from raypath.wsi.reader import read_tiles  # the embedding stage's reader
-    except ImportError:
-        read_tiles = None
-    out: dict[int, np.ndarray] = {}
-    if read_tiles is not None:
-        try:
-            it = read_tiles(slide_uri, tiles, s3=s3)
-            for ids, imgs in it:
-                for t, img in zip(np.asarray(ids).tolist(), imgs):
-                    out[int(t)] = np.asarray(img)
-            return out
-        except TypeError:  # different signature than expected: fall back
-            log.debug("raypath.wsi.reader.read_tiles signature differs; using tiffslide", exc_info=True)
-    for ids, imgs in read_tiles_fallback(slide_uri, tiles, s3):
-        for t, img in zip(ids.tolist(), imgs):
-            out[int(t)] = img
-    return out
 
 
 def select_gallery_tiles(
