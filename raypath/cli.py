@@ -27,7 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "embed": ("raypath.embed.api", "embed tiles with a foundation model (Ray Data actor pool) -> features/<model_key>/"),
     "export-h5": ("raypath.embed.api", "export a feature folder to one .h5 per slide (CLAM/TRIDENT layout)"),
     "adapt": ("raypath.adapt.api", "DoRA/LoRA-tune a foundation model by DINO self-distillation under strong augmentation"),
-    "adapt-experiment": ("raypath.adapt.api", "embed before/after adaptation; site probe, purity, LODO C-index side by side"),
+    "adapt-experiment": ("raypath.adapt.experiment", "embed before/after adaptation; site probe, purity, LODO C-index side by side"),
     "augment-preview": ("raypath.adapt.augment", "write a PNG grid of augmented views of real tiles"),
     "mil": ("raypath.mil.cli", "train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)"),
     "robustness": ("raypath.robustness.cli", "site probe, KMeans cohort purity, RI, CRoMa, t-SNE of a feature store"),
@@ -84,9 +84,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except RaypathError as e:
-        print(f"raypath {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.verb, e, e.exit_code)
+    except Exception as e:  # noqa: BLE001 - mapped to an exit code below, else re-raised
+        known = _known_failure(e)
+        if known is None:
+            raise
+        return _fail(args.verb, known, known.exit_code)
     return int(rc or 0)
+
+
+def _fail(verb: str | None, err: BaseException, code: int) -> int:
+    print(f"raypath {verb}: error: {err}", file=sys.stderr)
+    return int(code)
+
+
+def _known_failure(e: BaseException) -> RaypathError | None:
+    """A user-facing error for exceptions that escape a verb but are not bugs:
+    invalid options built outside the CLI glue (pydantic) and storage outages."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        from raypath.config import format_validation_error
+
+        return RaypathError(format_validation_error(e))
+    if "raypath.io.s3guard" in sys.modules or "botocore" in sys.modules:
+        from raypath.io.storage import as_outage
+
+        return as_outage(e)
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from raypath import __version__
+from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, join, redact
 
 C = TypeVar("C", bound="StageConfig")
@@ -48,11 +49,89 @@ class StageConfig(BaseModel):
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
-        """Load from a YAML file written by :meth:`save` or by hand."""
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        if isinstance(doc, dict) and "config" in doc and "stage" in doc:
-            doc = doc["config"]
-        return cls.model_validate(doc)
+        """Load from a YAML file written by :meth:`save` or by hand.
+
+        Raises :class:`RaypathError` (one sentence, no pydantic URL) for a
+        missing file, bad YAML, a non-mapping or invalid values.
+        """
+        doc = load_config_file(path)
+        return validate_config(cls, doc, from_file=set(doc), path=str(path))
+
+
+# --------------------------------------------------------------------------- errors a user can act on
+
+
+def load_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
+    """The options in a YAML config file (a saved ``config.yaml`` or a hand-written one).
+
+    Raises
+    ------
+    RaypathError
+        The file is missing or unreadable, not valid YAML, or not a mapping.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise RaypathError(f"{flag} {path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise RaypathError(f"{flag} {path} is a folder; pass a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RaypathError(f"{flag} {path} cannot be read ({type(e).__name__}); pass a readable UTF-8 YAML file") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise RaypathError(f"{flag} {path} is not valid YAML ({problem}{where}); fix the file") from None
+    if doc is None:
+        return {}
+    if isinstance(doc, dict) and "config" in doc and "stage" in doc:
+        doc = doc["config"]
+    if not isinstance(doc, dict):
+        raise RaypathError(
+            f"{flag} {path} holds a {type(doc).__name__}, not a mapping; write one `option: value` per line "
+            "(the options are the verb's flags without the leading --, e.g. `batch_size: 64`)"
+        )
+    return {str(k): v for k, v in doc.items()}
+
+
+def _describe_error(err: dict[str, Any], from_file: set[str], path: str | None) -> str:
+    loc = [str(x) for x in err.get("loc", ())]
+    msg = str(err.get("msg", "invalid value"))
+    if not loc:  # a model-level check (two options that contradict each other)
+        return msg.removeprefix("Value error, ")
+    name = loc[0]
+    where = _flag(name) + "".join(f"[{x}]" for x in loc[1:])
+    if name in from_file and path:
+        where = f"`{name}` in {path}"
+    kind = err.get("type", "")
+    if kind == "missing":
+        return f"{where} is required: pass {_flag(name)} VALUE"
+    if kind == "extra_forbidden":
+        return (f"{path or 'the config'} has an unknown option `{name}`: remove it or fix its spelling "
+                "(options are the verb's flags without the leading --)")
+    msg = msg.removeprefix("Value error, ")
+    msg = msg.replace("Input should be", "must be").replace("Input", "the value")
+    value = err.get("input")
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return f"{where} {shown[:60]}: {msg}"
+
+
+def format_validation_error(e: ValidationError, from_file: set[str] | None = None, path: str | None = None) -> str:
+    """pydantic's errors as one sentence naming each flag and what it must be (no URL)."""
+    parts = [_describe_error(err, from_file or set(), path) for err in e.errors(include_url=False)]
+    return "; ".join(dict.fromkeys(parts)) or "invalid options"
+
+
+def validate_config(model: type[C], data: dict[str, Any], from_file: set[str] | None = None,
+                    path: str | None = None) -> C:
+    """``model.model_validate(data)``, with errors a user can act on (:class:`RaypathError`)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RaypathError(format_validation_error(e, from_file, path)) from None
 
 
 # --------------------------------------------------------------------------- CLI glue
@@ -78,6 +157,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[StageConfi
     YAML file, which overrides the model's defaults.
     """
     parser.add_argument("--config", help="YAML file with any of the options below (flags win)")
+    _add_storage_arguments(parser, model)
     for name, field in model.model_fields.items():
         tp = _unwrap_optional(field.annotation)
         help_text = (field.description or "").strip()
@@ -103,17 +183,50 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[StageConfi
             parser.add_argument(_flag(name), type=str, **kw)
 
 
+#: Storage flags every verb with a config gets (they are process settings, not stage options).
+_STORAGE_FLAGS = {
+    "s3_retry_total_s": "retry an unanswering S3 endpoint for about this long, then stop with exit 4 "
+                        "[default: 120, or $RAYPATH_S3_RETRY_TOTAL_S]",
+    "s3_connect_timeout_s": "S3 connect timeout [default: 10, or $RAYPATH_S3_CONNECT_TIMEOUT_S]",
+    "s3_read_timeout_s": "S3 read timeout [default: 60, or $RAYPATH_S3_READ_TIMEOUT_S]",
+}
+
+
+def _add_storage_arguments(parser: argparse.ArgumentParser, model: type[StageConfig]) -> None:
+    group = parser.add_argument_group("storage (S3 timeouts and retries)")
+    for name, help_text in _STORAGE_FLAGS.items():
+        if name not in model.model_fields:
+            group.add_argument(_flag(name), dest=name, type=float, default=None, metavar="SECONDS", help=help_text)
+
+
 def config_from_args(model: type[C], args: argparse.Namespace, **fixed: Any) -> C:
-    """Build ``model`` from defaults < ``--config`` YAML < flags < ``fixed``."""
+    """Build ``model`` from defaults < ``--config`` YAML < flags < ``fixed``.
+
+    Also applies the storage flags (``--s3-retry-total-s`` ...) to this
+    process (:func:`raypath.io.storage.configure_s3`).
+
+    Raises
+    ------
+    RaypathError
+        A missing/unreadable/invalid ``--config`` file or an invalid value:
+        one sentence naming the flag and what it must be (exit 2).
+    """
+    from raypath.io.storage import configure_s3
+
     data: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        doc = yaml.safe_load(Path(args.config).read_text()) or {}
-        if isinstance(doc, dict) and "config" in doc and "stage" in doc:
-            doc = doc["config"]
+    from_file: set[str] = set()
+    path = getattr(args, "config", None)
+    if path:
+        doc = load_config_file(path)
         data.update(doc)
+        from_file = set(doc)
     for name in model.model_fields:
         v = getattr(args, name, None)
         if v is not None:
             data[name] = v
+            from_file.discard(name)
     data.update(fixed)
-    return model.model_validate(data)
+    from_file -= set(fixed)
+    cfg = validate_config(model, data, from_file, path)
+    configure_s3(**{k.removeprefix("s3_"): getattr(args, k, None) for k in _STORAGE_FLAGS if k not in model.model_fields})
+    return cfg

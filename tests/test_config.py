@@ -7,9 +7,10 @@ from typing import Literal
 
 import pytest
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.errors import RaypathError
 
 
 class _Cfg(StageConfig):
@@ -38,7 +39,7 @@ def test_flags_override_yaml_override_defaults(tmp_path):
 def test_unknown_key_is_an_error(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"tile_pix": 256}))
-    with pytest.raises(ValidationError, match="tile_pix"):
+    with pytest.raises(RaypathError, match="unknown option `tile_pix`"):
         config_from_args(_Cfg, _parse(["--config", str(f)]))
 
 
