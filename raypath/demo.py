@@ -140,8 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         from raypath.wsi.tiling import TileConfig, tile
 
         with _stage("tile + QC"):
-            tiles = tile(TileConfig(workdir=workdir))
-        summary["tiles"] = int(len(tiles))
+            tiling = tile(TileConfig(workdir=workdir))
+        summary["tiles"] = int(tiling["n_tiles"].sum())
         print(f"[demo] QC images in {join(workdir, 'qc')}")
 
         if _available("raypath.embed.api"):

@@ -136,7 +136,9 @@ def test_tiling_falls_back_to_isolated_tasks(study, tmp_path, ray_session, monke
         raise RuntimeError("a task kept dying")
 
     monkeypatch.setattr(tiling, "_run_ray", dataset_fails)
-    tiles = tile(TileConfig(workdir=wd))
+    returned = tile(TileConfig(workdir=wd))
+    tiles = pd.read_parquet(f"{wd}/tiles.parquet")
     summary = pd.read_parquet(f"{wd}/tiling_summary.parquet").set_index("slide_id")
+    assert returned.set_index("slide_id")["n_tiles"].to_dict() == summary["n_tiles"].to_dict()
     assert summary.loc["cmu", "status"] == "ok" and summary.loc["cmu", "n_tiles"] == len(tiles) > 0
     assert summary.loc["text", "status"] == "failed"

@@ -24,15 +24,10 @@ copied) and a re-run with the same ``run`` name resumes from the last one.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import logging
-import math
 import os
-import shutil
 import tempfile
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,22 +42,26 @@ from pydantic import Field
 from raypath.adapt import augment as aug
 from raypath.wsi.reader import read_tiles
 from raypath.wsi.tile_images import load_tile_images
-from raypath.adapt import dino
+from raypath.adapt import dino, dino_train
 from raypath.config import StageConfig, add_config_arguments, config_from_args
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
+from raypath.train.checkpoint import COMPLETE
+from raypath.train.checkpoint import latest_checkpoint as _latest_under
+from raypath.train.context import LocalContext, RayTrainContext, SimulatedKill, TrainContext  # noqa: F401 (SimulatedKill: re-exported)
+from raypath.train.precision import AMP_HELP
 
 log = logging.getLogger(__name__)
 
 #: Files of one checkpoint (a folder): peft layout of both adapters + the rest.
 CKPT_TEACHER = "teacher"
 CKPT_STUDENT = "student"
-CKPT_TENSORS = "dino_state.safetensors"  # heads of student and teacher, centre
-CKPT_STATE = "train_state.pt"  # optimiser state, epoch, metrics so far
-CKPT_DONE = "COMPLETE"  # written last: a folder without it is ignored
+CKPT_TENSORS = dino_train.CKPT_TENSORS  # trainable weights of student and teacher, centre
+CKPT_STATE = dino_train.CKPT_STATE  # optimiser state, epoch, metrics so far
+CKPT_DONE = COMPLETE  # written last: a folder without it is ignored
 KEEP_CHECKPOINTS = 2
 #: Config fields that may differ between a run and its resumption.
-_RESUMABLE_CHANGES = {"workdir", "epochs", "num_workers", "use_gpu", "checkpoint_every_epochs", "device", "stop_after_epochs", "batch_size"}
+_RESUMABLE_CHANGES = {"workdir", "epochs", "num_workers", "use_gpu", "checkpoint_every_epochs", "device", "stop_after_epochs", "batch_size", "amp"}
 
 
 class AdaptConfig(StageConfig):
@@ -96,10 +95,13 @@ class AdaptConfig(StageConfig):
     head_out_dim: int | None = Field(None, description="DINO head prototypes (default 65536)")
     batch_size: int = Field(32, ge=1, description="tiles per step per worker")
     tiles_per_slide: int = Field(10, ge=1, description="random tiles per slide, drawn once")
-    cohorts: list[str] | None = Field(None, description="cohorts to tune on (default: all)")
+    cohorts: list[str] | None = Field(None, description="older name of --tune-cohorts")
+    tune_cohorts: list[str] | None = Field(None, description="cohorts to tune on (required unless --tune-slides; 'all' = every cohort, on purpose: no cohort is then external for the features it embeds)")
+    tune_slides: list[str] | None = Field(None, description="tune on exactly these slides (e.g. a LODO fold's planned training slides); wins over --tune-cohorts")
     num_workers: int = Field(0, ge=0, description="0 = train in this process; >= 1 = Ray Train DDP workers")
     use_gpu: bool | None = Field(None, description="Ray workers use GPUs (default: if the cluster has them)")
     device: str = Field("auto", description="in-process device: auto, cpu, cuda")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
     checkpoint_every_epochs: int = Field(1, ge=1)
     run: str = Field("dora", description="run name: outputs in <workdir>/adapters/<run>/; the same name resumes")
     seed: int = 0
@@ -118,10 +120,6 @@ class AdaptResult:
     n_tiles: int
     trainable_params: int = 0
     extra: dict = field(default_factory=dict)
-
-
-class SimulatedKill(RuntimeError):
-    """Raised by ``stop_after_epochs`` to test resumption."""
 
 
 # --------------------------------------------------------------------------- data
@@ -284,71 +282,17 @@ def build_student(cfg: AdaptConfig, device: str | torch.device = "cpu") -> DINOM
     return DINOModel(bb, head).to(device)
 
 
-def make_teacher(student: DINOModel) -> DINOModel:
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
-
-
-def trainable_pairs(student: DINOModel, teacher: DINOModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Matching (student, teacher) parameters that the EMA moves: the
-    adapters and the head (the frozen FM weights are identical in both)."""
-    t_params = dict(teacher.named_parameters())
-    s, t = [], []
-    for n, p in student.named_parameters():
-        if p.requires_grad:
-            s.append(p)
-            t.append(t_params[n])
-    return s, t
-
-
-def _dino_state(student: DINOModel, teacher: DINOModel, loss: dino.DINOLoss) -> dict[str, torch.Tensor]:
-    """The trainable state of both models + the centre, as one flat dict."""
-    state = {"center": loss.center.detach().cpu().contiguous()}
-    tp = dict(teacher.named_parameters())
-    for n, p in student.named_parameters():
-        if p.requires_grad:
-            state[f"student.{n}"] = p.detach().cpu().contiguous()
-            state[f"teacher.{n}"] = tp[n].detach().cpu().contiguous()
-    return state
-
-
-def _load_dino_state(state: dict[str, torch.Tensor], student: DINOModel, teacher: DINOModel, loss: dino.DINOLoss) -> None:
-    tp = dict(teacher.named_parameters())
-    with torch.no_grad():
-        loss.center.copy_(state["center"])
-        for n, p in student.named_parameters():
-            if p.requires_grad:
-                p.copy_(state[f"student.{n}"])
-                tp[n].copy_(state[f"teacher.{n}"])
+make_teacher = dino_train.make_teacher
+trainable_pairs = dino_train.trainable_pairs
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def write_checkpoint(local_dir: str, cfg: AdaptConfig, student: DINOModel, teacher: DINOModel, loss: dino.DINOLoss, optimizer, epoch: int, metrics: list[dict]) -> None:
-    """Write an adapter-only checkpoint after ``epoch`` completed epochs into a local folder."""
-    from safetensors.torch import save_file
-
-    os.makedirs(local_dir, exist_ok=True)
-    teacher.backbone.model.save_pretrained(os.path.join(local_dir, CKPT_TEACHER))
-    student.backbone.model.save_pretrained(os.path.join(local_dir, CKPT_STUDENT))
-    save_file(_dino_state(student, teacher, loss), os.path.join(local_dir, CKPT_TENSORS))
-    torch.save({"epoch": int(epoch), "optimizer": optimizer.state_dict(), "metrics": metrics, "config": cfg.model_dump_json()}, os.path.join(local_dir, CKPT_STATE))
-    Path(local_dir, CKPT_DONE).write_text(str(epoch))
-
-
-def read_checkpoint(local_dir: str, cfg: AdaptConfig, student: DINOModel, teacher: DINOModel, loss: dino.DINOLoss, optimizer, where: str = "") -> tuple[int, list[dict]]:
-    """Restore from a checkpoint folder after checking it was made with
-    compatible settings; returns (epochs completed, metrics so far)."""
-    from safetensors.torch import load_file
-
-    st = torch.load(os.path.join(local_dir, CKPT_STATE), map_location="cpu", weights_only=True)
-    _check_resumable(json.loads(st["config"]), cfg, where or local_dir)
-    _load_dino_state(load_file(os.path.join(local_dir, CKPT_TENSORS)), student, teacher, loss)
-    optimizer.load_state_dict(st["optimizer"])
-    return int(st["epoch"]), list(st["metrics"])
+def _save_adapters(folder: str, student: DINOModel, teacher: DINOModel) -> None:
+    """Both adapters in peft layout inside a checkpoint (adapter-only: the FM is never copied)."""
+    teacher.backbone.model.save_pretrained(os.path.join(folder, CKPT_TEACHER))
+    student.backbone.model.save_pretrained(os.path.join(folder, CKPT_STUDENT))
 
 
 def _check_resumable(saved: dict, cfg: AdaptConfig, where: str) -> None:
@@ -361,70 +305,12 @@ def _check_resumable(saved: dict, cfg: AdaptConfig, where: str) -> None:
         )
 
 
-def _upload_dir(local_dir: str, dest: str) -> None:
-    for root, _, files in os.walk(local_dir):
-        for f in sorted(files, key=lambda n: n == CKPT_DONE):  # COMPLETE last
-            p = os.path.join(root, f)
-            rel = os.path.relpath(p, local_dir).replace(os.sep, "/")
-            atomic_write_bytes(join(dest, rel), Path(p).read_bytes())
-
-
-def _download_dir(src: str, local_dir: str) -> None:
-    fs = filesystem_for(src)
-    base = src if is_remote(src) else strip_protocol(src)
-    for p in fs.find(base):
-        rel = p[len(strip_protocol(base)) :].lstrip("/") if is_remote(src) else os.path.relpath(p, base)
-        dst = os.path.join(local_dir, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        with fs.open(p, "rb") as fi, open(dst, "wb") as fo:
-            shutil.copyfileobj(fi, fo)
-
-
-def _checkpoint_names(run_dir: str) -> tuple[object, str, list[str]]:
-    root = join(run_dir, "checkpoints")
-    fs = filesystem_for(root)
-    base = root if is_remote(root) else strip_protocol(root)
-    if not fs.exists(base):
-        return fs, base, []
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-    return fs, base, [n for n in names if n.startswith("epoch_")]
-
-
-def _prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (a DINO head with 65536
-    prototypes makes each one a few hundred MB)."""
-    fs, base, names = _checkpoint_names(run_dir)
-    for name in names[:-keep] if keep > 0 else []:
-        fs.rm(f"{base}/{name}", recursive=True)
-
-
 def latest_checkpoint(run_dir: str) -> str | None:
     """The newest complete in-process checkpoint ``<run_dir>/checkpoints/epoch_NNNN``."""
-    fs, base, names = _checkpoint_names(run_dir)
-    for name in reversed(names):
-        if fs.exists(f"{base}/{name}/{CKPT_DONE}"):
-            return join(run_dir, "checkpoints", name)
-    return None
+    return _latest_under(join(run_dir, "checkpoints"), "epoch_")
 
 
 # --------------------------------------------------------------------------- training loop
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    ray: bool = False
-
-
-def _all_reduce_mean(x: float) -> float:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        t = torch.tensor([x], dtype=torch.float64)
-        tdist.all_reduce(t)
-        return float(t.item()) / tdist.get_world_size()
-    return x
 
 
 def _publish_outputs(run_dir: str, teacher: DINOModel, metrics: list[dict], cfg: AdaptConfig, extra: dict) -> None:
@@ -454,175 +340,30 @@ def _publish_outputs(run_dir: str, teacher: DINOModel, metrics: list[dict], cfg:
     atomic_write_bytes(join(run_dir, "metrics.json"), json.dumps({"epochs": metrics, **extra}, indent=1).encode())
 
 
-def train_loop(cfg: AdaptConfig, images: np.ndarray | None, run_dir: str, dist_info: _Dist, device: torch.device, n_rows: int | None = None) -> dict:
-    """The DINO loop shared by the in-process and the Ray Train paths.
-
-    ``images`` is the uint8 tile array in process; under Ray it is ``None``
-    and batches come from ``ray.train.get_dataset_shard("train")`` (which
-    holds ``n_rows`` rows in all, split equally between the workers).
-    """
+def adapt_recipe(cfg: AdaptConfig, run_dir: str) -> dino_train.DinoRecipe:
+    """The adapter-specific pieces of the DINO loop (:mod:`raypath.adapt.dino_train`)."""
     from raypath.fm.registry import get_spec
 
-    spec = get_spec(cfg.model)
-    gpx, lpx = aug.crop_sizes(spec.img_size, spec.patch_size)
-    mc = aug.MultiCrop(aug.params_for(cfg.augmentation, cfg.strength), gpx, lpx, spec.mean, spec.std, n_global=2, n_local=cfg.n_local_crops)
+    return dino_train.DinoRecipe(
+        cfg=cfg,
+        spec=get_spec(cfg.model),
+        build_student=lambda device: build_student(cfg, device),
+        check_resumable=lambda saved, where: _check_resumable(saved, cfg, where),
+        publish=lambda teacher, metrics, extra: _publish_outputs(run_dir, teacher, metrics, cfg, extra),
+        save_models=_save_adapters,
+        name="adapt",
+    )
 
-    student = build_student(cfg, device)
-    teacher = make_teacher(student)
-    s_params, t_params = trainable_pairs(student, teacher)
-    n_trainable = sum(p.numel() for p in s_params)
-    loss_fn = dino.DINOLoss(student.head.last_layer.weight.shape[0], 2, cfg.teacher_temp, cfg.student_temp, cfg.center_momentum).to(device)
-    opt = torch.optim.AdamW(dino.param_groups(student))
 
-    # ---- resume
-    start_epoch, metrics = 0, []
-    if dist_info.ray:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                start_epoch, metrics = read_checkpoint(d, cfg, student, teacher, loss_fn, opt, "Ray Train checkpoint")
-    else:
-        last = latest_checkpoint(run_dir)
-        if last is not None:
-            with tempfile.TemporaryDirectory() as d:
-                _download_dir(last, d)
-                start_epoch, metrics = read_checkpoint(d, cfg, student, teacher, loss_fn, opt, last)
-    if start_epoch:
-        log.info("run %s: resuming after epoch %d", cfg.run, start_epoch)
-
-    model = student
-    if dist_info.ray and dist_info.world > 1:
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(student, move_to_device=False)
-
-    # ---- data and schedules
-    if images is not None:
-        n_rows = len(images)
-    else:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        n_rows = int(n_rows or 0)
-    n_rows_per_worker = n_rows // dist_info.world
-    steps = max(1, math.ceil(n_rows_per_worker / cfg.batch_size))
-    total = cfg.epochs * steps
-    global_batch = cfg.batch_size * dist_info.world
-    lr_sched = dino.cosine_schedule(dino.lr_for_batch(cfg.lr, global_batch), cfg.min_lr, total, min(cfg.warmup_epochs, cfg.epochs - 1) * steps)
-    wd_sched = dino.cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
-    mom_sched = dino.cosine_schedule(cfg.momentum_teacher, 1.0, total)
-    last_layer = dino.last_layer_params(student.head)
-    def amp():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        # per-epoch seeds: a resumed run draws exactly what an uninterrupted one would
-        torch.manual_seed(_seed_of(cfg.seed, "dropout", epoch, dist_info.rank))
-        if images is not None:
-            order = np.random.default_rng(_seed_of(cfg.seed, "order", epoch)).permutation(len(images))
-            batches = (images[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]] for i in range(steps))
-        else:
-            batches = (
-                b["image"]
-                for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=min(4 * cfg.batch_size, 1024), local_shuffle_seed=_seed_of(cfg.seed, "order", epoch, dist_info.rank))
-            )
-        student.train()
-        sums = {"loss": 0.0, "teacher_entropy": 0.0, "grad_norm_max": 0.0}
-        n_done = 0
-        for it, batch in enumerate(batches):
-            if it >= steps:
-                break  # DDP ranks must take the same number of steps
-            step = epoch * steps + it
-            dino.set_schedules(opt, float(lr_sched[step]), float(wd_sched[step]))
-            gen = torch.Generator().manual_seed(_seed_of(cfg.seed, "aug", epoch, it, dist_info.rank))
-            views = mc(torch.as_tensor(np.ascontiguousarray(batch)), gen, device=device)
-            with amp():
-                with torch.no_grad():
-                    t_out = teacher(views[:2])
-                s_out = model(views)
-                loss = loss_fn([s.float() for s in s_out], [t.float() for t in t_out])
-            if not torch.isfinite(loss):
-                raise RaypathError(f"DINO loss is {float(loss)} at epoch {epoch} step {it}: lower --lr or raise --warmup-epochs")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gmax = dino.clip_gradients(s_params, cfg.clip_grad) if cfg.clip_grad > 0 else 0.0
-            if epoch < cfg.freeze_last_layer_epochs:
-                for p in last_layer:
-                    p.grad = None
-            opt.step()
-            dino.ema_update(t_params, s_params, float(mom_sched[step]))
-            sums["loss"] += float(loss.detach())
-            sums["teacher_entropy"] += dino.teacher_entropy(loss_fn, t_out)
-            sums["grad_norm_max"] = max(sums["grad_norm_max"], gmax)
-            n_done += 1
-        row = {
-            "epoch": epoch,
-            "loss": _all_reduce_mean(sums["loss"] / max(1, n_done)),
-            "teacher_entropy": _all_reduce_mean(sums["teacher_entropy"] / max(1, n_done)),
-            "center_norm": float(loss_fn.center.norm()),
-            "lr": float(lr_sched[min(step, total - 1)]) if n_done else float("nan"),
-            "weight_decay": float(wd_sched[min(step, total - 1)]) if n_done else float("nan"),
-            "momentum": float(mom_sched[min(step, total - 1)]) if n_done else float("nan"),
-            "grad_norm_max": sums["grad_norm_max"],
-            "steps": n_done,
-            "epoch_s": time.time() - t0,
-        }
-        metrics.append(row)
-        if n_done and row["teacher_entropy"] > 0.98 * math.log(loss_fn.center.shape[1]):
-            # centring won over sharpening: the teacher is uniform and the loss carries no signal
-            log.warning("adapt %s epoch %d: teacher entropy %.3f ~ log(out_dim) = %.3f: DINO has collapsed to the uniform "
-                        "distribution; lower --lr or raise --warmup-epochs", cfg.run, epoch + 1, row["teacher_entropy"],
-                        math.log(loss_fn.center.shape[1]))
-        log.info("adapt %s epoch %d/%d loss %.4f teacher entropy %.3f (%.1f s)", cfg.run, epoch + 1, cfg.epochs, row["loss"], row["teacher_entropy"], row["epoch_s"])
-        done = epoch + 1
-        want_ckpt = done % cfg.checkpoint_every_epochs == 0 or done == cfg.epochs or done == cfg.stop_after_epochs
-        if dist_info.ray:
-            import ray.train
-
-            if want_ckpt and dist_info.rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    write_checkpoint(d, cfg, student, teacher, loss_fn, opt, done, metrics)
-                    ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(row)  # a barrier: every rank reports
-        elif want_ckpt:
-            with tempfile.TemporaryDirectory() as d:
-                write_checkpoint(d, cfg, student, teacher, loss_fn, opt, done, metrics)
-                dest = join(run_dir, "checkpoints", f"epoch_{done:04d}")
-                if is_remote(dest):
-                    _upload_dir(d, dest)
-                else:
-                    if os.path.exists(dest):
-                        shutil.rmtree(dest)
-                    shutil.copytree(d, dest)
-                _prune_checkpoints(run_dir, keep=KEEP_CHECKPOINTS)
-        if cfg.stop_after_epochs is not None and done >= cfg.stop_after_epochs and done < cfg.epochs:
-            raise SimulatedKill(f"stopped after epoch {done} (stop_after_epochs)")
-
-    extra = {"start_epoch": start_epoch, "trainable_params": n_trainable, "n_tiles": int(n_rows_per_worker * dist_info.world), "world_size": dist_info.world}
-    if dist_info.rank == 0:
-        _publish_outputs(run_dir, teacher, metrics, cfg, extra)
-    return {"metrics": metrics, **extra}
+def train_loop(cfg: AdaptConfig, run_dir: str, ctx: TrainContext, images: np.ndarray | None = None, n_rows: int | None = None) -> dict:
+    """Train (or resume) the adapter through ``ctx`` (see :func:`raypath.adapt.dino_train.train_loop`)."""
+    return dino_train.train_loop(adapt_recipe(cfg, run_dir), ctx, images, n_rows)
 
 
 def _ray_worker(config: dict) -> dict:
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
     cfg = AdaptConfig.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    dist_info = _Dist(ctx.get_world_rank(), ctx.get_world_size(), True)
-    return train_loop(cfg, None, config["run_dir"], dist_info, ray.train.torch.get_device(), n_rows=int(config["n_rows"]))
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return train_loop(cfg, config["run_dir"], RayTrainContext(amp=cfg.amp), n_rows=int(config["n_rows"]))
 
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
@@ -646,6 +387,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         if doc["epochs"] and doc["epochs"][-1]["epoch"] + 1 >= cfg.epochs:
             log.info("run %s already finished (%d epochs): %s", cfg.run, cfg.epochs, run_dir)
             return AdaptResult(run_dir, run_dir, pd.DataFrame(doc["epochs"]), cfg.epochs, cfg.epochs, doc.get("n_tiles", 0), doc.get("trainable_params", 0))
+    from raypath.adapt import tuning  # which slides: named explicitly, recorded in tuned_on.json
+
+    tuning.tuning_choice(cfg)  # no silent "all": fail before anything is written
     cfg.save(run_dir)
     sel_uri = join(run_dir, "training_tiles.parquet")
     if exists(sel_uri):
@@ -653,13 +397,15 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     else:
         import pyarrow as pa
 
-        tiles = sample_training_tiles(_abs(cfg.workdir), cfg.tiles_per_slide, cfg.cohorts, cfg.seed)
+        tiles = tuning.select_tuning_tiles(cfg.model_copy(update={"workdir": _abs(cfg.workdir)}), sample_training_tiles)
         write_parquet_atomic(pa.Table.from_pandas(tiles, preserve_index=False), sel_uri)
+    if not exists(join(run_dir, tuning.TUNED_ON_FILE)):
+        tuning.write_tuned_on(run_dir, tuning.tuned_on_record(cfg, tiles, _abs(cfg.workdir)))
     log.info("adapt %s: %d tiles from %d slides", cfg.run, len(tiles), tiles["slide_id"].nunique())
 
     if cfg.num_workers == 0:
-        images = load_tile_images(tiles)
-        out = train_loop(cfg, images, run_dir, _Dist(), _resolve_device(cfg.device))
+        ctx = LocalContext(join(run_dir, "checkpoints"), device=cfg.device, amp=cfg.amp, keep=KEEP_CHECKPOINTS)
+        out = train_loop(cfg, run_dir, ctx, images=load_tile_images(tiles))
     else:
         out = _fit_ray(cfg, tiles, run_dir)
     metrics = pd.DataFrame(out["metrics"])
@@ -667,36 +413,16 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
 
 
 def _fit_ray(cfg: AdaptConfig, tiles: pd.DataFrame, run_dir: str) -> dict:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raypath.io.ray_env import cluster_cpus, cluster_gpus, ensure_ray
+    from raypath.io.ray_env import cluster_cpus, ensure_ray
+    from raypath.train.launch import fit_on_ray_train, resolve_use_gpu
 
     ensure_ray()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() >= cfg.num_workers
-    if use_gpu and cluster_gpus() < 1:
-        raise RaypathError("--use-gpu was given but the Ray cluster has no GPUs: drop the flag or add GPU workers")
+    use_gpu = resolve_use_gpu(cfg.use_gpu, cfg.num_workers)  # before reading tiles: fail fast
     ds = tiles_dataset(tiles)
-    n_rows = ds.count()
-    storage = join(run_dir, "ray")
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "run_dir": run_dir, "n_rows": n_rows, "threads": max(1, int(cluster_cpus() // max(1, cfg.num_workers)))},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name="train", storage_path=storage, checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
-        datasets={"train": ds},
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # TrainingFailedError wraps the worker's exception
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, RaypathError):
-            raise cause from e
-        if "SimulatedKill" in repr(e):
-            raise SimulatedKill(str(e)) from e
-        raise
+    config = {"cfg": cfg.model_dump(), "run_dir": run_dir, "n_rows": ds.count(),
+              "threads": max(1, int(cluster_cpus() // max(1, cfg.num_workers)))}
+    result = fit_on_ray_train(_ray_worker, config, num_workers=cfg.num_workers, storage_path=join(run_dir, "ray"),
+                              name="train", use_gpu=use_gpu, datasets={"train": ds}, keep=KEEP_CHECKPOINTS)
     return result.return_value
 
 
@@ -725,8 +451,3 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
-
-    # the before/after experiment lives in its own module; cli.py lists only this one
-    from raypath.adapt.experiment import add_cli as add_experiment_cli
-
-    add_experiment_cli(sub)

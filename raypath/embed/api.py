@@ -63,6 +63,7 @@ from raypath.embed.store import (
 )
 from raypath.fm.registry import ModelSpec, get_spec
 from raypath.io.storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
+from raypath.wsi.tile_table import read_tile_table
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ def _load_inputs(cfg: EmbedConfig, s3: S3Options) -> tuple[pd.DataFrame, pd.Data
         if not exists(uri, s3):
             raise RaypathError(f"{uri} not found: run `{verb}` on this workdir first")
     slides = read_parquet(slides_uri, s3).to_pandas()
-    tiles = read_parquet(tiles_uri, s3, columns=["slide_id", *_TILE_COLS]).to_pandas()
+    tiles = read_tile_table(cfg.workdir, s3, columns=["slide_id", *_TILE_COLS])
     if "status" in slides.columns:
         slides = slides[slides["status"].fillna("ok") == "ok"]
     if cfg.slide_ids:

@@ -400,7 +400,8 @@ def render_index(workdir: str, s3: S3Options | None = None) -> str:
     if not body:
         body.append("<p>No runs yet: run a stage (e.g. <code>raypath robustness</code>) first.</p>")
     files = set(folder.files(max_depth=1))
-    extras = [f for f in ("cohort.csv", "slides.parquet", "tiles.parquet", "tiling_summary.parquet") if f in files]
+    extras = [f for f in ("cohort.csv", "slides.parquet", "tiles.parquet", "tiling_summary.parquet")
+              if f in files or (f == "tiles.parquet" and folder.exists(f))]  # tiles.parquet/: a dataset directory
     if extras:
         body.append("<h2>Project files</h2><p>" + ", ".join(f"<code>{_e(f)}</code>" for f in extras) + "</p>")
     return _page(f"raypath project: {folder.uri}", body)

@@ -13,13 +13,13 @@ Geometry (plain functions, no I/O):
   exactly (area-weighted), at any mask resolution.
 
 :func:`tile` runs one Ray Data task per ingested slide (the slide is opened
-inside the task: ``TiffSlide`` is not picklable) and writes
-``tiles.parquet``, ``tiling_summary.parquet`` and ``qc/<slide_id>.png``.
+inside the task: ``TiffSlide`` is not picklable); each task writes its
+slide's part of the ``tiles.parquet/`` dataset (:mod:`raypath.wsi.tile_table`)
+and its ``qc/<slide_id>.png``, and the driver writes ``tiling_summary.parquet``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -438,21 +438,26 @@ def _tile_all(rows: list[dict[str, Any]], cfg: TileConfig) -> dict[str, dict[str
 def tile(cfg: TileConfig) -> pd.DataFrame:
     """Tile every ingested slide of ``<workdir>/slides.parquet``.
 
-    Writes ``<workdir>/tiles.parquet`` (schema :data:`TILES`),
-    ``<workdir>/tiling_summary.parquet`` (:data:`TILING_SUMMARY`, one row per
-    slide incl. slides that failed ingest), ``<workdir>/qc/<slide_id>.png``
-    and ``<workdir>/tiling_config.yaml``.
+    Writes ``<workdir>/tiles.parquet/`` (a parquet dataset directory: one
+    part per slide with tiles, written by the task that tiled it, schema
+    :data:`TILES`; read it with :mod:`raypath.wsi.tile_table` or
+    ``pd.read_parquet``), ``<workdir>/tiling_summary.parquet``
+    (:data:`TILING_SUMMARY`, one row per slide incl. slides that failed
+    ingest), ``<workdir>/qc/<slide_id>.png`` and ``<workdir>/tiling_config.yaml``.
+    The driver only ever holds one summary row per slide.
 
     Returns
     -------
     pandas.DataFrame
-        The tiles table.
+        The tiling summary (one row per slide: ``n_tiles``, ``status``, ``warning`` ...).
 
     Raises
     ------
     RaypathError
         If ``slides.parquet`` is missing (run ``raypath ingest`` first).
     """
+    from raypath.wsi.tile_table import finish_dataset, prepare_dataset
+
     s3 = cfg.s3_options()
     slides_uri = join(cfg.workdir, "slides.parquet")
     if not exists(slides_uri, s3):
@@ -467,43 +472,24 @@ def tile(cfg: TileConfig) -> pd.DataFrame:
     makedirs(cfg.workdir, s3)
     if cfg.qc:
         makedirs(join(cfg.workdir, QC_DIR), s3)
-
-    results: dict[str, tuple[pa.Table, dict[str, Any]]] = {}
-    if cfg.use_ray and rows:
-        try:
-            outs = _run_ray(rows, cfg)
-        except Exception as e:  # Ray Data gives up on the dataset when a task keeps dying
-            log.warning("tile: Ray Data run failed (%s: %s); tiling slide by slide", type(e).__name__, e)
-            outs = _run_isolated(rows, cfg)
-        for out in outs:
-            tiles = pa.ipc.open_stream(out["tiles_ipc"]).read_all()
-            results[out["slide_id"]] = (tiles, json.loads(out["summary_json"]))
-    else:
-        for r in rows:
-            results[r["slide_id"]] = tile_slide(r, cfg)
-
-    tables, summaries = [], []
-    for _, s in slides.iterrows():  # cohort order, not completion order
-        sid = str(s["slide_id"])
-        if sid in results:
-            t, summ = results[sid]
-            tables.append(t)
-            summaries.append(summ)
-        else:
-            summaries.append(
-                dict(slide_id=sid, n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
-                     warning=f"not tiled: ingest failed ({s['error']})", qc_png=None)
-            )
-    tiles_all = pa.concat_tables(tables) if tables else TILES.empty_table()
+    prepare_dataset(cfg.workdir, s3)
+    results = _tile_all(rows, cfg)
+    summaries = []
+    for sid, err in zip(slides["slide_id"].astype(str), slides.get("error", [None] * len(slides))):
+        summaries.append(results.get(sid) or dict(  # cohort order, not completion order
+            slide_id=sid, n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
+            warning=f"not tiled: ingest failed ({err})", qc_png=None))
+    finish_dataset(cfg.workdir, [s["slide_id"] for s in summaries if s["n_tiles"] > 0], s3)
     summary_tbl = pa.Table.from_pylist(summaries, schema=TILING_SUMMARY)
-    write_parquet_atomic(tiles_all, join(cfg.workdir, TILES_FILE), s3)
     write_parquet_atomic(summary_tbl, join(cfg.workdir, SUMMARY_FILE), s3)
     cfg.save(cfg.workdir, name=CONFIG_FILE)
     for s in summaries:
         if s["status"] != STATUS_OK:
             log.warning("tile: slide %s %s: %s", s["slide_id"], s["status"], s["warning"])
-    log.info("tile: %d tiles from %d slides -> %s", tiles_all.num_rows, len(tables), join(cfg.workdir, TILES_FILE))
-    return tiles_all.to_pandas()
+    n_with = sum(s["n_tiles"] > 0 for s in summaries)
+    log.info("tile: %d tiles from %d slides -> %s", sum(s["n_tiles"] for s in summaries), n_with,
+             join(cfg.workdir, TILES_FILE))
+    return summary_tbl.to_pandas()
 
 
 def read_summary(workdir: str, s3: S3Options | None = None) -> pd.DataFrame:
