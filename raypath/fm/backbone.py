@@ -1,8 +1,8 @@
 """Building foundation models from registry specs and loading their weights.
 
 :func:`load_backbone` is the one function every stage uses to get a patch
-encoder: it builds the network from its :class:`~raypath.fm.registry.ModelSpec`,
-loads weights from
+encoder: it builds the network from its :class:`~raypath.fm.registry.ModelSpec`
+(through the spec's :class:`~raypath.fm.families.Family`), loads weights from
 
 1. a local file (``.safetensors`` preferred; ``.bin``/``.pth``/``.pt`` through
    ``torch.load(weights_only=True)``, never unpickling arbitrary objects),
@@ -11,9 +11,18 @@ loads weights from
 3. the Hugging Face cache (offline), or the hub (online, with ``HF_TOKEN``),
 
 optionally merges a peft adapter folder (LoRA/DoRA, ``save_pretrained``
-layout), and wraps it in a :class:`Backbone` that takes ``uint8`` tiles and
-returns read-out features.  Tests create random checkpoints with
-:func:`save_random_checkpoint` and load them through the same path.
+layout) or attaches trained prompt tokens, and wraps it in a
+:class:`Backbone` that takes ``uint8`` tiles and returns read-out features.
+Tests create random checkpoints with :func:`save_random_checkpoint` and load
+them through the same path.
+
+The read-out (:func:`read_out`) is defined once here: the class token, or
+(Virchow2) the class token concatenated with the mean of the patch tokens
+after the register tokens; prompt and extra prefix tokens are never read out.
+
+The prompt hook (VPT-deep), :meth:`Backbone.prompted_tokens`: the backbone
+runs block by block and prompt tokens are inserted before each block, in the
+order ``CLS, registers, extra prefix tokens, prompts, patches``.
 """
 
 from __future__ import annotations
@@ -22,13 +31,16 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from raypath.errors import RaypathError
+from raypath.fm.families import IGNORED_PREFIXES, get_family, weights_mismatch
 from raypath.fm.registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -36,10 +48,59 @@ log = logging.getLogger(__name__)
 #: ``weights`` value meaning "random init" (tests, benchmarks); ``"random:SEED"`` picks a seed.
 RANDOM = "random"
 
-#: Checkpoint keys that are fine to miss/ignore: heads and poolers we never use.
-_IGNORED_PREFIXES = ("head.", "pooler.", "fc_norm.", "classifier.", "head_drop.")
 #: Prefixes that wrappers add in front of the backbone's own keys.
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "vit.", "dinov2.", "encoder_model.")
+
+#: Tensor name of the prompt tokens in a prompt file (``save_prompts``).
+PROMPTS_TENSOR = "prompts"
+
+
+def read_out(spec: ModelSpec, tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """Features ``[B, embed_dim]`` from last-layer tokens ``[B, T, D]``.
+
+    ``cls``: the class token.  ``cls+mean_patch``: the class token concatenated
+    with the mean of the patch tokens, i.e. the tokens after the class token,
+    the ``num_register_tokens`` registers and ``skip`` inserted (prompt/extra)
+    tokens.
+    """
+    cls = tokens[:, 0]
+    if spec.readout == "cls":
+        return cls
+    if spec.readout == "cls+mean_patch":
+        return torch.cat([cls, tokens[:, spec.num_prefix_tokens + skip:].mean(dim=1)], dim=-1)
+    raise RaypathError(f"model {spec.key!r}: unknown read-out {spec.readout!r} (use 'cls' or 'cls+mean_patch')")
+
+
+class PromptTokens(torch.nn.Module):
+    """Learnable VPT-deep prompt tokens: ``n_tokens`` per block, ``[n_layers, n_tokens, dim]``.
+
+    Initialised uniformly in ``+-sqrt(6 / (3 * patch_size**2 + dim))`` (VPT,
+    Jia et al. 2022).  Calling the module returns the per-layer list that
+    :meth:`Backbone.prompted_tokens` takes.
+    """
+
+    def __init__(self, n_layers: int, n_tokens: int, dim: int, patch_size: int = 16):
+        super().__init__()
+        bound = math.sqrt(6.0 / float(3 * patch_size * patch_size + dim))
+        self.tokens = torch.nn.Parameter(torch.empty(n_layers, n_tokens, dim).uniform_(-bound, bound))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def forward(self) -> list[torch.Tensor]:
+        return list(self.tokens.unbind(0))
+
+
+def _per_sample(t: torch.Tensor, batch: int, like: torch.Tensor, what: str) -> torch.Tensor:
+    """``[N, D]`` or ``[B, N, D]`` -> ``[B, N, D]`` in the hidden states' dtype/device."""
+    if t.ndim == 2:
+        t = t.unsqueeze(0).expand(batch, -1, -1)
+    if t.ndim != 3 or t.shape[0] != batch or t.shape[-1] != like.shape[-1]:
+        raise RaypathError(
+            f"{what} must be shaped [N, {like.shape[-1]}] or [{batch}, N, {like.shape[-1]}], got {tuple(t.shape)}"
+        )
+    return t.to(device=like.device, dtype=like.dtype)
 
 
 class Backbone(torch.nn.Module):
@@ -51,9 +112,15 @@ class Backbone(torch.nn.Module):
         The registry spec it was built from.
     model
         The inner timm / Hugging Face module (what ``peft.get_peft_model`` wraps).
-    weights_sha256, adapter_sha256
-        sha256 of the loaded weights / adapter (``"random:<seed>"`` for random
-        init; ``None`` without adapter).
+    family
+        The spec's :class:`~raypath.fm.families.Family` (how it is run).
+    prompts
+        :class:`PromptTokens` used by every forward pass, or ``None``.
+    weights_sha256, adapter_sha256, prompt_sha256
+        sha256 of the loaded weights / adapter / prompt file (``"random:<seed>"``
+        for random init; ``None`` without adapter or prompts).
+    tuning
+        The :mod:`raypath.fm.tuning` method applied (``"frozen"`` when none).
     """
 
     def __init__(self, spec: ModelSpec, model: torch.nn.Module, weights_sha256: str | None = None,
@@ -61,9 +128,14 @@ class Backbone(torch.nn.Module):
         super().__init__()
         self.spec = spec
         self.model = model
+        self.family = get_family(spec.family)
+        self.prompts: PromptTokens | None = None
         self.weights_sha256 = weights_sha256
         self.adapter_sha256 = adapter_sha256
+        self.prompt_sha256: str | None = None
+        self.tuning = "frozen"
         self.channels_last = False
+        self.any_size = False
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
         # (x/255 - mean)/std folded into one multiply-add
@@ -93,22 +165,87 @@ class Backbone(torch.nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-layer (normalised) tokens ``[B, T, D]``."""
-        if self.spec.family == "timm":
-            return self.model.forward_features(x)
-        out = self.model(pixel_values=x)
-        return out.last_hidden_state
+    def allow_any_input_size(self) -> "Backbone":
+        """Accept inputs of another side than ``spec.img_size`` (a multiple of the
+        patch size; position embeddings interpolated), e.g. DINO's local crops."""
+        self.family.allow_any_size(self.model)
+        self.any_size = True
+        return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[B, 3, S, S]`` -> read-out features ``[B, embed_dim]``."""
-        t = self.tokens(x)
-        cls = t[:, 0]
-        if self.spec.readout == "cls":
-            return cls
-        if self.spec.readout == "cls+mean_patch":
-            return torch.cat([cls, t[:, self.spec.num_prefix_tokens:].mean(dim=1)], dim=-1)
-        raise RaypathError(f"model {self.spec.key!r}: unknown read-out {self.spec.readout!r}")
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-layer (normalised) tokens ``[B, T, D]``: the network's own forward pass."""
+        return self.family.tokens(self.model, x, self.any_size)
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        """The transformer blocks, in order (what prompt tokens are prepended to)."""
+        return list(self.family.blocks(self.model))
+
+    def prompted_tokens(self, x: torch.Tensor, prompts: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
+                        prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The prompt hook (VPT-deep): last-layer tokens with prompts inserted per block.
+
+        Parameters
+        ----------
+        x
+            Normalised images ``[B, 3, S, S]`` (:meth:`preprocess`).
+        prompts
+            Per-block prompt tokens, ``prompts[i]`` ``[N, D]`` (shared) or
+            ``[B, N, D]`` (per image) entering block ``i``; at most one per
+            block, the same ``N`` everywhere.  Block 0 must get some when any
+            are given; a later block given ``None`` (or beyond the list) keeps
+            the previous block's outputs at the prompt positions.  A tensor
+            ``[L, N, D]`` is read as ``L`` blocks' prompts.
+        prefix
+            Extra tokens ``[M, D]`` or ``[B, M, D]`` inserted once before block
+            0 and carried through every block (e.g. a projected text token).
+
+        Returns
+        -------
+        ``(tokens [B, T, D], n_inserted)`` where tokens are ordered
+        ``CLS, registers, prefix (M), prompts (N), patches`` and
+        ``n_inserted = M + N`` is what :func:`read_out` skips.  With no
+        prompts and no prefix the result equals :meth:`tokens` bit for bit.
+        """
+        fam, blocks = self.family, self.blocks
+        plist = list(prompts.unbind(0) if isinstance(prompts, torch.Tensor) else (prompts or []))
+        if len(plist) > len(blocks):
+            raise RaypathError(f"{len(plist)} prompt layers given for a backbone with {len(blocks)} blocks")
+        if plist and plist[0] is None:
+            raise RaypathError("prompts[0] is None: the first block must get the prompt tokens (or give none)")
+        h = fam.stem(self.model, x, self.any_size)
+        batch, start = h.shape[0], self.spec.num_prefix_tokens
+        n = int(plist[0].shape[-2]) if plist else 0
+        if any(p is not None and p.shape[-2] != n for p in plist):
+            raise RaypathError(f"every block's prompts must have the same number of tokens ({n})")
+        inserted = [_per_sample(prefix, batch, h, "prefix tokens")] if prefix is not None else []
+        start += inserted[0].shape[1] if inserted else 0
+        if n:
+            inserted.append(_per_sample(plist[0], batch, h, "prompts[0]"))
+        if inserted:
+            h = torch.cat([h[:, : self.spec.num_prefix_tokens], *inserted, h[:, self.spec.num_prefix_tokens:]], dim=1)
+        for i, blk in enumerate(blocks):
+            if 0 < i < len(plist) and plist[i] is not None and n:
+                h = torch.cat([h[:, :start], _per_sample(plist[i], batch, h, f"prompts[{i}]"), h[:, start + n:]], dim=1)
+            h = fam.run_block(blk, h)
+        return fam.head_norm(self.model, h), start - self.spec.num_prefix_tokens + n
+
+    def add_prompts(self, n_tokens: int, n_layers: int | None = None) -> PromptTokens:
+        """Attach fresh trainable :class:`PromptTokens` (every block by default)."""
+        width = self.family.width(self.model)
+        self.prompts = PromptTokens(n_layers or len(self.blocks), n_tokens, width, self.spec.patch_size).to(self.device)
+        return self.prompts
+
+    def features(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised images -> read-out features ``[B, embed_dim]`` (with this backbone's prompts, if any)."""
+        if self.prompts is None and prefix is None:
+            return read_out(self.spec, self.tokens(x))
+        t, skip = self.prompted_tokens(x, self.prompts() if self.prompts is not None else None, prefix)
+        return read_out(self.spec, t, skip)
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised images -> read-out features ``[B, embed_dim]``."""
+        return self.features(x, prefix)
 
     @torch.inference_mode()
     def embed(self, images_uint8: torch.Tensor, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -126,38 +263,16 @@ class Backbone(torch.nn.Module):
 # --------------------------------------------------------------------------- building
 
 
-def _timm_kwargs(spec: ModelSpec) -> dict:
-    import timm.layers
-
-    kw = dict(spec.arch_kwargs)
-    if isinstance(kw.get("mlp_layer"), str):
-        kw["mlp_layer"] = getattr(timm.layers, kw["mlp_layer"])
-    return kw
-
-
 def build_model(spec: ModelSpec, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     """The bare network of ``spec`` with seeded random weights (eval mode), built on ``device``.
 
     Random weights are reproducible per device type (CPU and CUDA generators differ).
     """
+    family = get_family(spec.family)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
-        if spec.family == "timm":
-            import timm
-
-            model = timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
-        elif spec.family == "hf_vit":
-            from transformers import AutoConfig, AutoModel
-
-            cfg = AutoConfig.for_model(spec.arch, **spec.arch_kwargs)
-            extra = {"add_pooling_layer": False} if spec.arch == "vit" else {}
-            try:
-                model = AutoModel.from_config(cfg, attn_implementation="sdpa", **extra)
-            except (ValueError, TypeError):
-                model = AutoModel.from_config(cfg, **extra)
-        else:
-            raise RaypathError(f"model {spec.key!r}: unknown family {spec.family!r} (use 'timm' or 'hf_vit')")
+        model = family.build(spec)
     return model.eval()
 
 
@@ -289,45 +404,6 @@ def _weights_sha256(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _mismatch(spec: ModelSpec, files: list[Path], missing: list[str], unexpected: list[str]) -> RaypathError:
-    return RaypathError(
-        f"weights {', '.join(str(f) for f in files)} do not match model {spec.key!r} "
-        f"({spec.family}:{spec.arch}): missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
-        "Check that the checkpoint is this model's, or pick the matching --model"
-    )
-
-
-def _load_hf(spec: ModelSpec, files: list[Path]) -> torch.nn.Module:
-    """Hugging Face models load through ``from_pretrained`` so that transformers'
-    own key conversions apply (v5 renamed ViT modules; checkpoints keep the old names).
-    The architecture always comes from the spec, not from a config shipped next to the weights."""
-    import tempfile
-
-    from transformers import AutoConfig, AutoModel
-
-    cfg = AutoConfig.for_model(spec.arch, **spec.arch_kwargs)
-    extra = {"add_pooling_layer": False} if spec.arch == "vit" else {}
-    with tempfile.TemporaryDirectory(prefix="raypath-hf-") as d:
-        cfg.save_pretrained(d)
-        if len(files) == 1:
-            name = "model.safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
-            os.symlink(files[0].resolve(), os.path.join(d, name))
-        else:
-            folder = files[0].parent
-            for f in list(files) + sorted(folder.glob("*.index.json")):
-                os.symlink(f.resolve(), os.path.join(d, f.name))
-        try:
-            model, info = AutoModel.from_pretrained(d, config=cfg, output_loading_info=True, **extra)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise RaypathError(f"weights do not fit model {spec.key!r}: {type(e).__name__}: {e}") from e
-    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_IGNORED_PREFIXES))
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_IGNORED_PREFIXES))
-    if missing or unexpected or info.get("mismatched_keys"):
-        raise _mismatch(spec, files, missing, unexpected + [str(m) for m in info.get("mismatched_keys", ())])
-    return model.eval()
-
-
 def load_weights_into(model: torch.nn.Module, files: list[Path], spec: ModelSpec) -> str:
     """Load ``files`` into a timm ``model`` strictly (heads/poolers excepted); returns the sha256."""
     state: dict[str, torch.Tensor] = {}
@@ -335,11 +411,11 @@ def load_weights_into(model: torch.nn.Module, files: list[Path], spec: ModelSpec
         state.update(_read_state_dict(f))
     own = set(model.state_dict())
     state = _normalise_keys(state, own)
-    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
-    missing = sorted(k for k in own - set(state) if not k.startswith(_IGNORED_PREFIXES))
+    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    missing = sorted(k for k in own - set(state) if not k.startswith(IGNORED_PREFIXES))
     unexpected = sorted(set(state) - own)
     if missing or unexpected:
-        raise _mismatch(spec, files, missing, unexpected)
+        raise weights_mismatch(spec, files, missing, unexpected)
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -386,18 +462,40 @@ def _parse_random(weights: str | None) -> int | None:
     return None
 
 
+def weights_sha256_of(spec: ModelSpec, weights: str | None) -> str:
+    """The identity of ``weights`` for ``spec`` without building the model:
+    ``"random:<seed>"`` for random init, else the sha256 of the weight files."""
+    seed = _parse_random(weights)
+    if weights is None and spec.test_only:
+        seed = 0
+    if seed is not None:
+        return f"{RANDOM}:{seed}"
+    return _weights_sha256(resolve_weights(spec, weights))
+
+
+def resolve_model(name_or_spec: str | ModelSpec) -> ModelSpec:
+    """The spec of a registry key, after loading the plugins that may register it."""
+    if isinstance(name_or_spec, ModelSpec):
+        return name_or_spec
+    from raypath.plugins import load_plugins
+
+    load_plugins()
+    return get_spec(name_or_spec)
+
+
 def load_backbone(
     name_or_spec: str | ModelSpec,
     weights: str | None = None,
     adapter: str | None = None,
     device: str = "cpu",
+    prompts: str | None = None,
 ) -> Backbone:
-    """Build a registered model, load its weights (and adapter), move it to ``device``.
+    """Build a registered model, load its weights (and adapter or prompts), move it to ``device``.
 
     Parameters
     ----------
     name_or_spec
-        Registry key (``"uni"``, ``"virchow2"``, ``"tiny-vit"``) or a :class:`ModelSpec`.
+        Registry key (``"uni"``, ``"virchow2"``, ``"tiny-vit"``, a plugin's key) or a :class:`ModelSpec`.
     weights
         Local checkpoint file or Hugging Face-layout folder; ``None`` = the HF
         cache (offline) or hub (online, ``HF_TOKEN``); ``"random"`` /
@@ -406,13 +504,22 @@ def load_backbone(
         A peft adapter folder, merged into the weights (``merge_and_unload``).
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    prompts
+        A prompt file written by :func:`save_prompts` (VPT-deep tokens used by every forward pass).
 
     Raises
     ------
     RaypathError
-        Weights missing, gated, or not matching the architecture; bad adapter.
+        Weights missing, gated, or not matching the architecture; bad adapter or prompt file.
+
+    Example
+    -------
+    >>> bb = load_backbone("tiny-vit")                        # doctest: +SKIP
+    >>> bb.embed(torch.zeros(2, 224, 224, 3, dtype=torch.uint8)).shape
+    torch.Size([2, 64])
     """
-    spec = get_spec(name_or_spec) if not isinstance(name_or_spec, ModelSpec) else name_or_spec
+    spec = resolve_model(name_or_spec)
+    family = get_family(spec.family)
     seed = _parse_random(weights)
     if weights is None and spec.test_only:
         seed = 0
@@ -422,20 +529,62 @@ def load_backbone(
         sha = f"{RANDOM}:{seed}"
     else:
         files = resolve_weights(spec, weights)
-        if spec.family == "hf_vit":
-            model = _load_hf(spec, files)
-            sha = _weights_sha256(files)
-        else:
+        model = family.load(spec, files)
+        if model is None:  # a plain state_dict into the family's network
             model = build_model(spec)
             sha = load_weights_into(model, files, spec)
+        else:
+            sha = _weights_sha256(files)
     ad_sha = None
     if adapter:
         model = _merge_adapter(model, adapter, spec)
         ad_sha = adapter_sha256(adapter)
     bb = Backbone(spec, model, weights_sha256=sha, adapter_sha256=ad_sha)
+    if prompts:
+        load_prompts(bb, prompts)
     for p in bb.parameters():
         p.requires_grad_(False)
     return bb.to(device).eval()
+
+
+def save_prompts(backbone: Backbone, path: str) -> str:
+    """Write ``backbone.prompts`` as ``.safetensors`` (tensor ``prompts`` ``[L, N, D]``); returns its sha256."""
+    from safetensors.torch import save_file
+
+    if backbone.prompts is None:
+        raise RaypathError("the backbone has no prompt tokens to save: apply the 'prompt' tuning method first")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({PROMPTS_TENSOR: backbone.prompts.tokens.detach().cpu().contiguous()}, str(out),
+              metadata={"raypath_model": backbone.spec.key, "weights_sha256": str(backbone.weights_sha256)})
+    return sha256_file(out)
+
+
+def load_prompts(backbone: Backbone, path: str) -> Backbone:
+    """Attach the prompt tokens of a :func:`save_prompts` file to ``backbone``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))[PROMPTS_TENSOR]
+    except (OSError, KeyError, SafetensorError) as e:
+        raise RaypathError(
+            f"prompt file {path!r} cannot be read ({type(e).__name__}: {e}): pass a file written by "
+            "raypath.fm.backbone.save_prompts"
+        ) from e
+    width, n_blocks = backbone.family.width(backbone.model), len(backbone.blocks)
+    if t.ndim != 3 or t.shape[-1] != width or t.shape[0] > n_blocks:
+        raise RaypathError(
+            f"prompt file {path!r} holds tokens shaped {tuple(t.shape)}, which do not fit model "
+            f"{backbone.spec.key!r} ({n_blocks} blocks of width {width}): use the prompts trained on this model"
+        )
+    backbone.prompts = PromptTokens(t.shape[0], t.shape[1], width, backbone.spec.patch_size)
+    with torch.no_grad():
+        backbone.prompts.tokens.copy_(t)
+    backbone.prompts.to(backbone.device)
+    backbone.prompt_sha256 = sha256_file(path)
+    backbone.tuning = "prompt"
+    return backbone
 
 
 def save_random_checkpoint(spec_or_name: str | ModelSpec, path: str, seed: int = 0) -> str:
@@ -445,7 +594,7 @@ def save_random_checkpoint(spec_or_name: str | ModelSpec, path: str, seed: int =
     """
     from safetensors.torch import save_file
 
-    spec = get_spec(spec_or_name) if not isinstance(spec_or_name, ModelSpec) else spec_or_name
+    spec = resolve_model(spec_or_name)
     model = build_model(spec, seed=seed)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     out = Path(path)

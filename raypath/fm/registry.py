@@ -4,12 +4,15 @@ A :class:`ModelSpec` says everything the embed and adapt stages need to know
 about a patch encoder without importing it: how to build the network
 (``family`` + ``arch`` + ``arch_kwargs``), what it eats (``img_size``,
 ``patch_size``, ``mean``/``std``), how features are read out of its tokens
-(``readout``), how wide they are (``embed_dim``) and which linear layers a
-LoRA/DoRA adapter targets by default.  Weights are resolved by
+(``readout``) and how wide they are (``embed_dim``).  Which layers an
+adapter targets is the tuning layer's table (:mod:`raypath.fm.tuning`, per
+method and family).  Weights are resolved by
 :func:`raypath.fm.backbone.load_backbone` (local file/folder, Hugging Face cache,
-or hub).
+or hub); how a family is built and run is :mod:`raypath.fm.families`.
 
-Adding a model is adding a row to ``_SPECS`` below; nothing else changes.
+Adding a model is adding a row to ``_SPECS`` below; nothing else changes.  A
+private model is registered at run time with :func:`register_spec`, usually
+from a plugin (:mod:`raypath.plugins`, ``--plugin module:attr``).
 
 Families
 --------
@@ -38,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raypath.errors import RaypathError
+from raypath.fm.tuning import target_modules
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,12 +51,6 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 #: Hibou normalisation (from the model card).
 HIBOU_MEAN = (0.7068, 0.5755, 0.722)
 HIBOU_STD = (0.195, 0.2316, 0.1816)
-
-TIMM_ADAPTER_TARGETS = ("qkv",)
-#: Hugging Face attention projections: transformers < 5 names them query/key/value,
-#: transformers >= 5 q_proj/k_proj/v_proj.  peft matches name suffixes and only
-#: fails when none matches, so listing both works with either version.
-HF_ADAPTER_TARGETS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,8 @@ class ModelSpec:
     key
         Registry name (``"phikon"``, ``"virchow2"``, ``"tiny-vit"``, ...).
     family
-        ``"timm"`` or ``"hf_vit"``.
+        ``"timm"``, ``"hf_vit"``, or a family registered by a plugin
+        (:func:`raypath.fm.families.register_family`).
     arch
         timm model name, or Hugging Face ``model_type``.
     arch_kwargs
@@ -79,8 +78,6 @@ class ModelSpec:
         Register tokens after the class token (skipped by the mean read-out).
     embed_dim
         Size of the feature vector after read-out.
-    adapter_targets
-        Default LoRA/DoRA ``target_modules`` (module-name suffixes).
     hf_repo
         Hugging Face repository holding the weights, or ``None``.
     gated
@@ -89,6 +86,9 @@ class ModelSpec:
         File names tried in ``hf_repo`` for single-file (timm) checkpoints.
     test_only
         Tiny specs for tests/benchmarks: random init allowed without weights.
+    tuning_targets
+        Per-method adapter targets that override :data:`raypath.fm.tuning.TARGETS`
+        for this model (``{"dora": ("to_qkv",)}``; private models).
     """
 
     key: str
@@ -102,12 +102,17 @@ class ModelSpec:
     readout: str
     num_register_tokens: int
     embed_dim: int
-    adapter_targets: tuple[str, ...]
     hf_repo: str | None
     gated: bool
     weight_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     test_only: bool = False
     notes: str = field(default="", compare=False)
+    tuning_targets: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def adapter_targets(self) -> tuple[str, ...]:
+        """The default (DoRA) adapter targets: the row of the tuning table for this model."""
+        return target_modules("dora", self)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -133,7 +138,7 @@ def _timm(key, arch, kw, *, dim, patch, mean=IMAGENET_MEAN, std=IMAGENET_STD, re
     return ModelSpec(
         key=key, family="timm", arch=arch, arch_kwargs=dict(kw), img_size=kw.get("img_size", 224),
         patch_size=patch, mean=tuple(mean), std=tuple(std), readout=readout, num_register_tokens=regs,
-        embed_dim=out_dim or dim, adapter_targets=TIMM_ADAPTER_TARGETS, hf_repo=repo, gated=gated,
+        embed_dim=out_dim or dim, hf_repo=repo, gated=gated,
         weight_files=tuple(files), test_only=test_only, notes=notes,
     )
 
@@ -143,7 +148,7 @@ def _hf(key, arch, kw, *, dim, patch, img=224, mean=IMAGENET_MEAN, std=IMAGENET_
     return ModelSpec(
         key=key, family="hf_vit", arch=arch, arch_kwargs=dict(kw), img_size=img, patch_size=patch,
         mean=tuple(mean), std=tuple(std), readout="cls", num_register_tokens=regs, embed_dim=dim,
-        adapter_targets=HF_ADAPTER_TARGETS, hf_repo=repo, gated=gated, test_only=test_only, notes=notes,
+        hf_repo=repo, gated=gated, test_only=test_only, notes=notes,
     )
 
 
@@ -207,11 +212,45 @@ _SPECS: tuple[ModelSpec, ...] = (
 )
 
 _BY_KEY = {s.key: s for s in _SPECS}
+_BUILTIN = frozenset(_BY_KEY)
 
 
 def list_specs() -> list[ModelSpec]:
-    """All registered specs, in table order."""
-    return list(_SPECS)
+    """All registered specs: the table's, then those registered at run time."""
+    return list(_BY_KEY.values())
+
+
+def _norm_key(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def register_spec(spec: ModelSpec, replace: bool = False) -> ModelSpec:
+    """Register a private model at run time (what a plugin does).
+
+    Raises
+    ------
+    RaypathError
+        The key is taken (by the table or another registration) and ``replace`` is false.
+    """
+    if not isinstance(spec, ModelSpec):
+        raise RaypathError(f"{spec!r} is not a raypath.fm.registry.ModelSpec: build one to register a model")
+    key = _norm_key(spec.key)
+    if key != spec.key:
+        raise RaypathError(f"model key {spec.key!r} must be lower case with '-' (use {key!r})")
+    if key in _BUILTIN:
+        raise RaypathError(f"model key {key!r} is a built-in model: register yours under another name")
+    if key in _BY_KEY and not replace and _BY_KEY[key] != spec:
+        raise RaypathError(f"model key {key!r} is already registered: pick another name")
+    _BY_KEY[key] = spec
+    return spec
+
+
+def unregister_spec(key: str) -> None:
+    """Remove a model registered with :func:`register_spec` (tests)."""
+    k = _norm_key(key)
+    if k in _BUILTIN:
+        raise RaypathError(f"the built-in model {k!r} cannot be removed")
+    _BY_KEY.pop(k, None)
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -224,7 +263,7 @@ def get_spec(name: str) -> ModelSpec:
     """
     if isinstance(name, ModelSpec):
         return name
-    key = str(name).strip().lower().replace("_", "-")
+    key = _norm_key(name)
     if key in _BY_KEY:
         return _BY_KEY[key]
     import difflib
@@ -233,5 +272,6 @@ def get_spec(name: str) -> ModelSpec:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise RaypathError(
         f"unknown model {name!r}.{hint} Known models: {', '.join(_BY_KEY)} "
-        "(see `raypath embed --help` and docs/embedding.md)"
+        "(see docs/embedding.md; a private model is registered by a plugin: --plugin module:attr, "
+        "docs/ARCHITECTURE.md 'Extension points')"
     )
