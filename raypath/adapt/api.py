@@ -202,23 +202,6 @@ def tiles_dataset(tiles: pd.DataFrame):
 # --------------------------------------------------------------------------- models
 
 
-def _enable_dynamic_img_size(model: nn.Module) -> bool:
-    """Let a timm ViT take any input side that is a multiple of its patch
-    size (local crops are smaller than global ones); position embeddings are
-    interpolated per call, as timm does with ``dynamic_img_size=True``."""
-    pe = getattr(model, "patch_embed", None)
-    if pe is None or not hasattr(model, "dynamic_img_size"):
-        return False
-    if not model.dynamic_img_size:
-        from timm.layers import Format
-
-        model.dynamic_img_size = True
-        pe.strict_img_size = False
-        pe.flatten = False
-        pe.output_fmt = Format.NHWC
-    return True
-
-
 class DINOModel(nn.Module):
     """Backbone (with its peft adapter) + DINO head, on a list of views.
 
@@ -232,13 +215,8 @@ class DINOModel(nn.Module):
         self.head = head
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        if bb.spec.family == "hf_vit":
-            t = bb.model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-            if bb.spec.readout == "cls":
-                return t[:, 0]
-            return torch.cat([t[:, 0], t[:, bb.spec.num_prefix_tokens :].mean(1)], -1)
-        return bb(x)
+        # the backbone's one read-out (raypath.fm.backbone.read_out), at any view size
+        return self.backbone(x)
 
     def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(views)
@@ -254,29 +232,18 @@ class DINOModel(nn.Module):
         return out  # type: ignore[return-value]
 
 
-def peft_config(cfg: AdaptConfig, spec) -> Any:
-    from peft import LoraConfig
-
-    targets = list(cfg.target_modules or spec.adapter_targets)
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none", use_dora=cfg.method == "dora")
-
-
 def build_student(cfg: AdaptConfig, device: str | torch.device = "cpu") -> DINOModel:
-    """The FM with a fresh adapter and a DINO head (trainable: adapter + head)."""
-    from peft import get_peft_model
+    """The FM with a fresh adapter and a DINO head (trainable: adapter + head).
 
+    The adapter is the tuning layer's (raypath.fm.tuning: targets per method and family)."""
     from raypath.fm.backbone import load_backbone
+    from raypath.fm.tuning import apply_method
 
-    bb = load_backbone(cfg.model, weights=cfg.weights, device="cpu")
+    bb = load_backbone(cfg.model, weights=cfg.weights, device="cpu").allow_any_input_size()
     spec = bb.spec
-    if spec.family == "timm":
-        _enable_dynamic_img_size(bb.model)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        try:
-            bb.model = get_peft_model(bb.model, peft_config(cfg, spec))
-        except ValueError as e:
-            raise RaypathError(f"adapter target modules {cfg.target_modules or spec.adapter_targets} do not fit model {spec.key!r}: {e}; pass --target-modules with names of its linear layers") from e
+        apply_method(bb, cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.target_modules)
         dims = dino.head_dims_for(spec.embed_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_out_dim)
         head = dino.DINOHead(spec.embed_dim, dims)
     return DINOModel(bb, head).to(device)
@@ -330,7 +297,7 @@ def _publish_outputs(run_dir: str, teacher: DINOModel, metrics: list[dict], cfg:
         "method": cfg.method,
         "rank": cfg.rank,
         "alpha": cfg.alpha,
-        "target_modules": list(cfg.target_modules or spec.adapter_targets),
+        "target_modules": sorted(teacher.backbone.model.peft_config["default"].target_modules),
         "augmentation": aug.params_for(cfg.augmentation, cfg.strength).to_dict(),
         "epochs": len(metrics),
         "objective": "dino-v1 self-distillation; teacher adapter",

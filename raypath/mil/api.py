@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,8 +29,7 @@ from raypath.config import StageConfig
 from raypath.io.jsonio import to_jsonable
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
-from raypath.mil.protocols import ProtocolOutput, run_protocol
-from raypath.mil.train import TrainParams
+from raypath.mil.protocols import ProtocolOutput, params_from_config, protocol_kwargs, run_protocol
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +67,19 @@ class MilConfig(StageConfig):
     use_gpu: bool | None = Field(None, description="Ray Train on GPUs (default: if the cluster has them)")
     run: str | None = Field(None, description="run name under <workdir>/runs/ (default mil-<task>-<protocol>)")
     clinical: str | None = Field(None, description="clinical table (default <workdir>/slides.parquet)")
+    # robustness losses between technical variants of a tissue (docs/mil.md, "Robustness losses")
+    lambda_emb: float = Field(0.0, ge=0, description="weight of the InfoNCE loss between two variants' slide embeddings")
+    lambda_score: float = Field(0.0, ge=0, description="weight of the score loss between two variants' risks/logits")
+    tau: float = Field(0.1, gt=0, description="InfoNCE temperature")
+    score_loss: Literal["abs", "squared"] = Field("abs", description="score loss: |s_a - s_b| or (s_a - s_b)^2")
+    variant_source: Literal["pairs", "generated", "none"] = Field(
+        "pairs",
+        description="technical variants: slides sharing a pair_id, or the views of `raypath embed --variants K` "
+        "(generated); used by the losses and the consistency metrics",
+    )
+    variant_batches: bool | None = Field(
+        None, description="pair-aware batches, two views per tissue per step (default: when a lambda > 0)"
+    )
 
     def run_name(self) -> str:
         return self.run or f"mil-{self.task}-{self.protocol}"
@@ -94,38 +105,6 @@ class MilResult:
         return summary_table(self.summary)
 
 
-def params_from_config(cfg: MilConfig) -> TrainParams:
-    return TrainParams(
-        task=cfg.task,
-        loss=cfg.resolved_loss(),
-        model=cfg.model,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        max_tiles_per_slide=cfg.max_tiles_per_slide,
-        balanced_sampling=cfg.balanced_sampling,
-        n_bins=cfg.n_bins,
-        nll_alpha=cfg.nll_alpha,
-        eval_every=cfg.eval_every,
-    )
-
-
-def protocol_kwargs(cfg: MilConfig, **overrides: Any) -> dict[str, Any]:
-    """The :func:`~raypath.mil.protocols.run_protocol` keyword arguments a
-    config decides (splits, repeats, workers); ``overrides`` win."""
-    kw: dict[str, Any] = dict(
-        folds=cfg.folds,
-        repeats=cfg.repeats,
-        seed=cfg.seed,
-        internal_fraction=cfg.internal_fraction,
-        cohorts=cfg.cohorts,
-        num_workers=cfg.num_workers,
-    )
-    kw.update(overrides)
-    return kw
-
-
 def resolve_feature_dir(cfg: MilConfig) -> str:
     """``cfg.features`` as a folder (see :func:`raypath.embed.store.resolve_feature_dir`)."""
     from raypath.embed.store import resolve_feature_dir as _resolve
@@ -134,30 +113,33 @@ def resolve_feature_dir(cfg: MilConfig) -> str:
 
 
 def load_clinical(cfg: MilConfig, slide_ids_with_features: list[str]) -> pd.DataFrame:
-    """Rows of the clinical table with ``status == 'ok'`` and features."""
-    uri = cfg.clinical or join(cfg.workdir, "slides.parquet")
-    if not exists(uri):
-        raise RaypathError(
-            f"clinical table {uri!r} not found: run `raypath ingest` first or pass --clinical"
-        )
-    if str(uri).endswith(".csv"):
-        from raypath.io.storage import open_file
+    """Rows of the clinical table with ``status == 'ok'`` and features.
 
-        with open_file(uri, "rb") as f:
-            df = pd.read_csv(f)
+    ``cfg.clinical`` (CSV, TSV or parquet) is read by the one table reader
+    (:func:`raypath.wsi.cohort.read_table`): ids stay text (``007`` is not 7).
+    """
+    from raypath.wsi.cohort import read_table
+
+    if cfg.clinical:
+        uri = cfg.clinical
+        df = read_table(uri, kind="clinical", required=("slide_id", "patient_id", "cohort"))
     else:
+        uri = join(cfg.workdir, "slides.parquet")
+        if not exists(uri):
+            raise RaypathError(f"clinical table {uri!r} not found: run `raypath ingest` first or pass --clinical")
         df = read_parquet(uri).to_pandas()
+    df["slide_id"] = df["slide_id"].astype(str)
     n0 = len(df)
     if "status" in df.columns:
         df = df[df["status"].astype(str) == "ok"]
     have = set(slide_ids_with_features)
-    missing = df[~df["slide_id"].astype(str).isin(have)]
+    missing = df[~df["slide_id"].isin(have)]
     if len(missing):
         log.warning(
             "%d slide(s) have no features and are skipped (e.g. %s)",
-            len(missing), missing["slide_id"].astype(str).tolist()[:5],
+            len(missing), missing["slide_id"].tolist()[:5],
         )
-    df = df[df["slide_id"].astype(str).isin(have)].reset_index(drop=True)
+    df = df[df["slide_id"].isin(have)].reset_index(drop=True)
     if len(df) == 0:
         raise RaypathError(
             f"none of the {n0} slides of {uri!r} has status 'ok' and features in "
@@ -166,12 +148,79 @@ def load_clinical(cfg: MilConfig, slide_ids_with_features: list[str]) -> pd.Data
     return df
 
 
-def _fingerprint(cfg: MilConfig) -> str:
-    """Checkpoints are only reused by a run with the same training inputs."""
+#: Clinical columns a MIL run reads: a change in any of them (or in their row order) is a new run.
+_INPUT_COLUMNS = ("slide_id", "patient_id", "cohort", "time", "event", "label", "pair_id")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def features_digest(store, slide_ids: list[str]) -> str:
+    """Identity of the features of ``slide_ids``: each slide's cache key from the
+    store's manifest (model, weights, adapter, tiles, slide fingerprint), else
+    its file's size and modification time (or ETag)."""
+    from raypath.embed.store import slide_file
+
+    entries = store.manifest().get("slides", {}) or {}
+    fs = store._fs
+    ids = []
+    for sid in slide_ids:
+        key = (entries.get(sid) or {}).get("cache_key")
+        if key is None:
+            uri = slide_file(store.path, sid)
+            info = fs.info(uri if is_remote(uri) else strip_protocol(uri))
+            key = f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified')}"
+        ids.append([sid, key])
+    return _digest({"model_key": store.manifest().get("model_key"), "slides": ids})
+
+
+def run_fingerprint(cfg: MilConfig, store, clinical: pd.DataFrame) -> tuple[str, dict]:
+    """``(fingerprint, parts)``: checkpoints are only reused by a run with the
+    same config, the same features and the same clinical rows in the same order.
+
+    Finished folds are stored by split and by row position, so a change of
+    ``slides.parquet``, the clinical table or the feature store must start a
+    fresh run: it gets a new fingerprint, hence a new checkpoint folder.
+    """
     d = cfg.to_dict()
     for k in ("num_workers", "use_gpu", "run"):
         d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    cols = [c for c in _INPUT_COLUMNS if c in clinical.columns]
+    parts = {
+        "config": _digest(d),
+        "features": features_digest(store, clinical["slide_id"].astype(str).tolist()),
+        "clinical": _digest([cols, clinical[cols].astype(str).to_numpy().tolist()]),
+        "n_slides": int(len(clinical)),
+    }
+    return _digest(parts)[:12], parts
+
+
+def _note_input_changes(run_dir: str, fp: str, parts: dict) -> None:
+    """Record the run's inputs (``inputs.json``) and say when they changed since the last run."""
+    from raypath.io.storage import open_file
+
+    uri = join(run_dir, "inputs.json")
+    if exists(uri):
+        with open_file(uri, "rb") as f:
+            before = json.load(f)
+        if before.get("fingerprint") != fp:
+            changed = [k for k in ("config", "features", "clinical") if before.get("parts", {}).get(k) != parts[k]]
+            log.warning("mil %s: the %s changed since the last run: starting fresh (finished folds of the "
+                        "earlier inputs are not reused)", run_dir, " and ".join(changed) or "inputs")
+    atomic_write_bytes(uri, json.dumps({"fingerprint": fp, "parts": parts}, indent=1).encode())
+
+
+def held_out_slides(cfg: MilConfig, clinical: pd.DataFrame) -> dict[str, list[str]]:
+    """``{split name: slide ids scored as external}`` of the protocol (empty for internal)."""
+    cohort = clinical["cohort"].astype(str)
+    chosen = cfg.cohorts or sorted(set(cohort))
+    ids = clinical["slide_id"].astype(str)
+    if cfg.protocol == "lodo":
+        return {c: ids[cohort == c].tolist() for c in chosen}
+    if cfg.protocol == "pairwise":
+        return {c: ids[cohort != c].tolist() for c in chosen}
+    return {}
 
 
 def summary_table(summary: dict) -> pd.DataFrame:
@@ -203,6 +252,7 @@ def write_outputs(out: ProtocolOutput, cfg: MilConfig, run_dir: str) -> None:
         ("predictions", out.predictions),
         ("curves", out.curves),
         ("fold_metrics", out.fold_metrics),
+        *([("view_predictions", out.view_predictions)] if getattr(out, "view_predictions", None) is not None else []),
     ):
         write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), join(run_dir, f"{name}.parquet"))
     from raypath.mil.plots import plot_curves, plot_km
@@ -216,9 +266,13 @@ def write_outputs(out: ProtocolOutput, cfg: MilConfig, run_dir: str) -> None:
 def run_mil(cfg: MilConfig) -> MilResult:
     """Run one MIL protocol on ``cfg.workdir`` and write ``runs/<run>/``.
 
-    Re-running the same config resumes from the last checkpoint (finished
-    folds are skipped, the current fold continues at its last epoch).
+    Re-running the same config on the same inputs resumes from the last
+    checkpoint (finished folds are skipped, the current fold continues at its
+    last epoch); changed inputs (features, clinical rows or their order)
+    start fresh.  Features embedded with an adapter that saw a held-out
+    patient stop the run (lodo/pairwise).
     """
+    from raypath.adapt.tuning import check_features_for_held_out
     from raypath.embed.store import FeatureStore
 
     if not cfg.workdir or not cfg.features:
@@ -229,8 +283,10 @@ def run_mil(cfg: MilConfig) -> MilResult:
     feature_dir = resolve_feature_dir(cfg)
     store = FeatureStore(feature_dir)
     clinical = load_clinical(cfg, store.slide_ids())
+    adapter_check = check_features_for_held_out(feature_dir, store.manifest(), clinical, held_out_slides(cfg, clinical))
     run_dir = join(cfg.workdir, "runs", cfg.run_name())
-    fp = _fingerprint(cfg)
+    fp, parts = run_fingerprint(cfg, store, clinical)
+    _note_input_changes(run_dir, fp, parts)
     checkpoint_dir = None
     if not is_remote(run_dir):
         checkpoint_dir = os.path.join(strip_protocol(run_dir), "checkpoints", fp)
@@ -247,5 +303,6 @@ def run_mil(cfg: MilConfig) -> MilResult:
             use_gpu=cfg.use_gpu,
         ),
     )
+    out.summary["inputs"] = {"fingerprint": fp, **parts, "adapter": adapter_check}
     write_outputs(out, cfg, run_dir)
     return MilResult(str(run_dir), out.summary, out.predictions, out.curves, out.fold_metrics)

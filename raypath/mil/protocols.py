@@ -19,8 +19,12 @@ import numpy as np
 import pandas as pd
 
 from raypath.errors import RaypathError
+from raypath.evaluation.consistency import consistency_headline, fold_consistency, view_predictions
+from raypath.evaluation.consistency import metric_names as consistency_metric_names
 from raypath.evaluation.metrics import classification_metrics, summarize, survival_metrics
 from raypath.evaluation.splits import Split, make_splits
+from raypath.mil.data import bag_keys
+from raypath.mil.robust import prepare_variants
 from raypath.mil.train import LocalContext, TrainParams, run_splits, run_splits_ray
 
 log = logging.getLogger(__name__)
@@ -128,6 +132,7 @@ class ProtocolOutput:
     fold_metrics: pd.DataFrame
     summary: dict[str, Any]
     splits: list[Split] = field(default_factory=list)
+    view_predictions: pd.DataFrame | None = None  # generated technical variants (views 1..K)
 
 
 def _fold_metrics(
@@ -145,11 +150,16 @@ def _fold_metrics(
             groups.append((set_name, "all", p))
         for c, pc in p.groupby("cohort", sort=True):
             groups.append((set_name, str(c), pc))
+    if task == "survival" and groups and groups[0][0] == "internal":
+        # pairs compared only within a cohort: a site offset in risk cannot move it
+        groups.insert(1, ("internal", STRATIFIED, groups[0][2]))
     for set_name, cohort, p in groups:
         if task == "survival":
+            # one unit per patient (mean risk of its slides): two slides never count twice
             m = survival_metrics(
                 p["time"].to_numpy(), p["event"].to_numpy(), p["risk"].to_numpy(),
-                tr["time"].to_numpy(), tr["event"].to_numpy(),
+                tr["time"].to_numpy(), tr["event"].to_numpy(), patients=p["patient_id"].to_numpy(),
+                strata=p["cohort"].to_numpy() if cohort == STRATIFIED else None,
             )
             m["n_events"] = int(p["event"].sum())
         else:
@@ -159,22 +169,41 @@ def _fold_metrics(
     return rows
 
 
+#: The "cohort" of the cohort-stratified internal score in fold metrics and summaries.
+STRATIFIED = "stratified"
+#: How to read the two internal scores (written next to them in every summary).
+INTERNAL_NOTE = (
+    "internal (pooled): held-out patients of the training cohorts compared across cohorts, so a site "
+    "offset in predicted risk can dominate it; internal_stratified: pairs compared only within a cohort "
+    "(the like-for-like companion of the external score); C-index per patient (mean risk of its slides)"
+)
+
+
 def summarize_folds(fold_metrics: pd.DataFrame, task: str, protocol: str, seed: int = 0) -> dict:
     """Mean +- sd and bootstrap CI over repeats (and folds) per
     (name, set, cohort), and the headline numbers of the protocol."""
-    metric_names = ["c_index", "uno_c", "td_auc"] if task == "survival" else ["auroc", "balanced_accuracy", "f1"]
+    metric_names = (["c_index", "uno_c", "td_auc", "n_comparable_pairs"] if task == "survival"
+                    else ["auroc", "balanced_accuracy", "f1"])
     primary = metric_names[0]
+    metric_names += [m for m in consistency_metric_names(task) + ("n_twins",) if m in fold_metrics]
     groups: dict[str, dict] = {}
     for (name, set_name, cohort), g in fold_metrics.groupby(["name", "set", "cohort"], sort=True):
-        groups.setdefault(str(name), {}).setdefault(str(set_name), {})[str(cohort)] = {
-            m: summarize(g[m].tolist(), seed=seed) for m in metric_names if m in g
-        }
+        cell = {m: summarize(g[m].tolist(), seed=seed) for m in metric_names
+                if m in g and not (cohort == STRATIFIED and m in ("uno_c", "td_auc"))}  # pooled-only metrics
+        notes = g["c_index_note"].dropna().tolist() if "c_index_note" in g else []
+        if notes and "c_index" in cell:  # say why a C-index is missing instead of dropping it silently
+            cell["c_index"]["note"] = f"{len(notes)} of {len(g)} fold(s)/repeat(s): {notes[0]}"
+        groups.setdefault(str(name), {}).setdefault(str(set_name), {})[str(cohort)] = cell
     out: dict[str, Any] = {"metric": primary, "groups": groups}
+    if task == "survival":
+        out["internal_note"] = INTERNAL_NOTE
     if protocol == "internal":
         s = groups.get("internal", {}).get("internal", {}).get("all", {}).get(primary)
         out["internal"] = s
+        out["internal_stratified"] = groups.get("internal", {}).get("internal", {}).get(STRATIFIED, {}).get(primary)
         out["per_cohort"] = {
-            c: v[primary]["mean"] for c, v in groups.get("internal", {}).get("internal", {}).items() if c != "all"
+            c: v[primary]["mean"] for c, v in groups.get("internal", {}).get("internal", {}).items()
+            if c not in ("all", STRATIFIED)
         }
     elif protocol == "lodo":
         ext = {n: g["external"][n][primary] for n, g in groups.items() if n in g.get("external", {})}
@@ -182,6 +211,8 @@ def summarize_folds(fold_metrics: pd.DataFrame, task: str, protocol: str, seed: 
         means = [v["mean"] for v in ext.values() if v["mean"] is not None]
         out["external"] = ext
         out["internal"] = internal
+        out["internal_stratified"] = {
+            n: g["internal"][STRATIFIED][primary] for n, g in groups.items() if STRATIFIED in g.get("internal", {})}
         out["per_cohort"] = {n: v["mean"] for n, v in ext.items()}
         out["mean"] = float(np.mean(means)) if means else None
         out["worst"] = float(np.min(means)) if means else None
@@ -194,6 +225,8 @@ def summarize_folds(fold_metrics: pd.DataFrame, task: str, protocol: str, seed: 
                 row[n] = g["internal"]["all"][primary]["mean"]  # diagonal = internal
             matrix[n] = row
         out["matrix"] = matrix
+    if any(m in fold_metrics for m in consistency_metric_names(task)):
+        out["consistency"] = consistency_headline(groups, task, protocol)
     return out
 
 
@@ -246,13 +279,16 @@ def run_protocol(
             raise RaypathError(f"only {n_pos} {what} for {folds} folds: lower --folds or add slides")
     splits = make_splits(df, protocol, target, folds, repeats, seed, internal_fraction, cohorts)
     check_splits_evaluable(df, splits, task)
+    # technical variants (pairs / generated views): robustness losses + consistency metrics
+    bags_source, tissues = prepare_variants(bags_source, df, params)
+    bag_ids = bag_keys(df["slide_id"].astype(str).tolist(), params.n_variants if tissues is not None else 0)
 
     if num_workers and num_workers > 0:
         source = bags_source.path if isinstance(bags_source, FeatureStore) else bags_source
         if not isinstance(source, str):
             from raypath.mil.data import load_bag_arrays
 
-            source = load_bag_arrays(source, df["slide_id"].astype(str).tolist())
+            source = load_bag_arrays(source, bag_ids)
         if ray_storage_path is None:
             import tempfile
 
@@ -263,10 +299,10 @@ def run_protocol(
     else:
         from raypath.mil.data import load_bag_arrays
 
-        bags = load_bag_arrays(bags_source, df["slide_id"].astype(str).tolist())
+        bags = load_bag_arrays(bags_source, bag_ids)
         results = run_splits(LocalContext(checkpoint_dir), bags, df, splits, params)
 
-    pred_frames, curve_rows, fold_rows = [], [], []
+    pred_frames, curve_rows, fold_rows, view_frames = [], [], [], []
     for sp in splits:
         res = results[sp.key]
         rows = np.asarray(res["rows"], dtype=np.int64)
@@ -288,12 +324,56 @@ def run_protocol(
             p["pred_label"] = classes.reindex(p["pred_index"]).to_numpy()
         pred_frames.append(p)
         curve_rows.extend(res["curves"])
-        fold_rows.extend(_fold_metrics(df, sp, p, task))
+        rows_m = _fold_metrics(df, sp, p, task)
+        if tissues is not None:  # consistency between technical variants of a tissue
+            fold_consistency(rows_m, p, tissues.tissue_of_row[rows], task, res)
+            if "view_scores" in res:
+                view_frames.append(view_predictions(p, res["view_scores"], task))
+        fold_rows.extend(rows_m)
     predictions = pd.concat(pred_frames, ignore_index=True)
     curves = pd.DataFrame(curve_rows)
     fold_metrics = pd.DataFrame(fold_rows)
     summary = summarize_folds(fold_metrics, task, protocol, seed)
-    return ProtocolOutput(predictions, curves, fold_metrics, summary, splits)
+    views = pd.concat(view_frames, ignore_index=True) if view_frames else None
+    return ProtocolOutput(predictions, curves, fold_metrics, summary, splits, views)
+
+
+def params_from_config(cfg) -> TrainParams:
+    """The training hyper-parameters a :class:`~raypath.mil.api.MilConfig` decides."""
+    return TrainParams(
+        task=cfg.task,
+        loss=cfg.resolved_loss(),
+        model=cfg.model,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        max_tiles_per_slide=cfg.max_tiles_per_slide,
+        balanced_sampling=cfg.balanced_sampling,
+        n_bins=cfg.n_bins,
+        nll_alpha=cfg.nll_alpha,
+        eval_every=cfg.eval_every,
+        **{k: getattr(cfg, k) for k in ROBUST_FIELDS if hasattr(cfg, k)},
+    )
+
+
+#: MilConfig fields of the robustness losses / technical variants, passed to TrainParams as they are
+ROBUST_FIELDS = ("lambda_emb", "lambda_score", "tau", "score_loss", "variant_source", "variant_batches")
+
+
+def protocol_kwargs(cfg, **overrides: Any) -> dict[str, Any]:
+    """The :func:`~raypath.mil.protocols.run_protocol` keyword arguments a
+    config decides (splits, repeats, workers); ``overrides`` win."""
+    kw: dict[str, Any] = dict(
+        folds=cfg.folds,
+        repeats=cfg.repeats,
+        seed=cfg.seed,
+        internal_fraction=cfg.internal_fraction,
+        cohorts=cfg.cohorts,
+        num_workers=cfg.num_workers,
+    )
+    kw.update(overrides)
+    return kw
 
 
 def evaluate_lodo(store_or_bags, clinical: pd.DataFrame, cfg) -> dict:
@@ -315,8 +395,6 @@ def evaluate_lodo(store_or_bags, clinical: pd.DataFrame, cfg) -> dict:
     ``{"metric", "per_cohort": {cohort: mean external score}, "mean",
     "worst", "worst_cohort", "internal": {cohort: summary}, "summary"}``.
     """
-    from raypath.mil.api import params_from_config, protocol_kwargs
-
     df = clinical
     if "status" in df.columns:
         df = df[df["status"].astype(str) == "ok"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -27,6 +26,7 @@ from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, stri
 from raypath.sweep.nested import FoldPlan, nested_lodo_plan, steps_seen
 from raypath.sweep.objective import TrialContext, trial_function
 from raypath.sweep.space import SweepSpace, load_space, optuna_space
+from raypath.sweep.outputs import SweepResult, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ class SweepConfig(StageConfig):
         description="kind mil: feature folder or model key under <workdir>/features (overrides the sweep "
         "file's `features`; default: the only store there)",
     )
-
-
-@dataclass
-class SweepResult:
-    sweep_dir: str
-    trials: pd.DataFrame
-    best: dict | None
-    n_folds: int
 
 
 # --------------------------------------------------------------------------- inputs
@@ -270,7 +262,6 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     from ray import tune
 
     from raypath.io.ray_env import ensure_ray
-    from raypath.sweep.outputs import write_outputs
 
     space = load_space(cfg.space)
     if cfg.features:

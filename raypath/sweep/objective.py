@@ -23,7 +23,7 @@ import pandas as pd
 
 from raypath.errors import RaypathError
 from raypath.io.jsonio import to_jsonable
-from raypath.io.storage import atomic_write_bytes, exists, join, read_parquet
+from raypath.io.storage import atomic_write_bytes, exists, join
 from raypath.sweep.nested import FoldPlan, audit_plan, check_step
 from raypath.sweep.space import SweepSpace, stage_settings
 
@@ -49,20 +49,32 @@ class TrialContext:
 # --------------------------------------------------------------------------- stages
 
 
-def _adapt_stage(settings: dict, plan: FoldPlan, run: str) -> str:
-    from raypath.adapt.api import AdaptConfig, adapt
+def adapt_config_for_fold(settings: dict, plan: FoldPlan, run: str):
+    """The ``AdaptConfig`` of one fold: tuned on exactly the plan's ``adapt``
+    slides (never chosen by cohort name: a technical twin of a held-out
+    tissue sits in a training cohort but is not in the plan)."""
+    from raypath.adapt.api import AdaptConfig
 
-    cfg = AdaptConfig(**{**settings, "cohorts": plan.train_cohorts, "run": run})
-    res = adapt(cfg)
-    return res.adapter_dir
+    d = {k: v for k, v in settings.items() if k not in ("cohorts", "tune_cohorts", "tune_slides")}
+    if not plan.adapt:
+        raise RaypathError(f"fold holding out {plan.held_out!r} plans no slide for adaptation")
+    return AdaptConfig(**{**d, "tune_slides": list(plan.adapt), "run": run})
+
+
+def _adapt_stage(settings: dict, plan: FoldPlan, run: str) -> str:
+    from raypath.adapt.api import adapt
+
+    return adapt(adapt_config_for_fold(settings, plan, run)).adapter_dir
 
 
 def _adapt_used_slides(adapter_dir: str) -> list[str]:
-    """Slides the adapter was trained on, as the adapt stage recorded them."""
-    uri = join(adapter_dir, "training_tiles.parquet")
-    if not exists(uri):
-        raise RaypathError(f"{uri} missing: cannot verify which slides the adapter saw")
-    return sorted(set(read_parquet(uri, columns=["slide_id"]).to_pandas()["slide_id"].astype(str)))
+    """Slides the adapter was trained on, as the adapt stage recorded them (tuned_on.json)."""
+    from raypath.adapt.tuning import TUNED_ON_FILE, read_tuned_on
+
+    record = read_tuned_on(adapter_dir)
+    if record is None:
+        raise RaypathError(f"{join(adapter_dir, TUNED_ON_FILE)} missing: cannot verify which slides the adapter saw")
+    return sorted(map(str, record["slide_ids"]))
 
 
 def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: str) -> str:
@@ -78,7 +90,7 @@ def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: 
 
 def _mil_stage(mil_settings: dict, feature_dir: str, clinical: pd.DataFrame, plan: FoldPlan, ray_dir: str):
     from raypath.embed.store import FeatureStore
-    from raypath.mil.api import params_from_config, protocol_kwargs
+    from raypath.mil.protocols import params_from_config, protocol_kwargs
     from raypath.mil.protocols import run_protocol
 
     cfg = mil_config(mil_settings, feature_dir, plan.held_out)
@@ -207,7 +219,11 @@ def run_fold(
     if ctx.space.kind == "adapter":
         run = f"sweep-{ctx.name}-{tag}-{c}"
         adapter_dir = stages.adapt(settings["adapt"], plan, run)
-        check_step(plan, "adapt", stages.adapt_used_slides(adapter_dir))
+        used = stages.adapt_used_slides(adapter_dir)
+        check_step(plan, "adapt", used)
+        cohort_of = dict(zip(ctx.clinical["slide_id"].astype(str), ctx.clinical["cohort"].astype(str)))
+        res["adapter_slides"] = sorted(map(str, used))  # the trial's record names what its adapter saw
+        res["adapter_cohorts"] = sorted({cohort_of.get(str(u), "?") for u in used})
         embed_settings = {
             **settings["embed"],
             "model": settings["adapt"].get("model", settings["embed"].get("model")),
@@ -248,6 +264,9 @@ def aggregate(folds: list[dict], n_folds: int) -> dict:
     for f in folds:
         out[f"external_{f['held_out']}"] = f["external"]
         out[f"internal_{f['held_out']}"] = f["internal"]
+        if f.get("adapter_slides") is not None:
+            out[f"adapted_on_{f['held_out']}"] = (
+                f"{'+'.join(f.get('adapter_cohorts', []))} ({len(f['adapter_slides'])} slides)")
     return out
 
 

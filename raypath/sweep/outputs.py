@@ -11,6 +11,8 @@ The table/Pareto/best functions are plain pandas/numpy (tested without Ray).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import logging
 import math
@@ -30,6 +32,15 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- table
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: str
+    trials: pd.DataFrame
+    best: dict | None
+    n_folds: int
+
 
 
 def _trial_index(path: str | None, trial_id: str) -> float:
@@ -75,7 +86,7 @@ def trials_table(grid, space: SweepSpace, n_folds: int, sweep_dir: str | None = 
                   "kmeans_purity", "time_s"):
             row[k] = m.get(k)
         for k, v in m.items():
-            if k.startswith(("external_", "internal_")):
+            if k.startswith(("external_", "internal_", "adapted_on_")):
                 row[k] = v
         params = decode_params(space, dict(r.config or {}))
         for k, v in params.items():
@@ -202,13 +213,14 @@ def best_configs(
         return files, cmds
     from raypath.adapt.api import AdaptConfig
     from raypath.embed.api import EmbedConfig
+    from raypath.sweep.objective import adapt_config_for_fold
 
     for p in plans:
         c = p.held_out
         feature_dir = settings["mil"].get("features", space.features)
         if space.kind == "adapter":
             run = f"{tag}-{c}"
-            a = AdaptConfig(**{**settings["adapt"], "cohorts": p.train_cohorts, "run": run})
+            a = adapt_config_for_fold(settings["adapt"], p, run)  # the fold's planned slides, as in the trial
             files[f"adapt-{c}.yaml"] = a.to_dict()
             feature_dir = join(cfg.workdir, "features", run)
             e = EmbedConfig(**{
@@ -227,7 +239,7 @@ def best_configs(
         cmds.append(f"raypath mil --config {join(best_dir, f'mil-{c}.yaml')}")
     if space.kind == "adapter":
         # the adapter to deploy: same settings, every cohort
-        a = AdaptConfig(**{**settings["adapt"], "cohorts": None, "run": f"{tag}-all"})
+        a = AdaptConfig(**{**settings["adapt"], "tune_cohorts": ["all"], "run": f"{tag}-all"})
         files["adapt-all.yaml"] = a.to_dict()
     return files, cmds
 
@@ -366,7 +378,6 @@ def _save_fig(fig, uri: str) -> None:
 def write_outputs(grid, cfg, space: SweepSpace, plans: list[FoldPlan], sweep_dir: str, clinical: pd.DataFrame):
     import pyarrow as pa
 
-    from raypath.sweep.api import SweepResult
 
     n_folds = len(plans)
     df = mark_front(trials_table(grid, space, n_folds, sweep_dir), space)
