@@ -194,3 +194,240 @@ def make_synthetic_bags(
             )
         )
     return bags, pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- technical variants
+#
+# Both variant sources go through one structure: a tissue is a list of views,
+# each view a (clinical row, bag key) pair.  Real pairs: the slides sharing a
+# ``pair_id`` (one view per slide).  Generated views: one slide, its original
+# features and K augmented feature views written by ``raypath embed
+# --variants K`` (bag keys ``<slide_id>@v<k>``).
+
+VARIANT_SOURCES = ("none", "pairs", "generated")
+VARIANT_SEP = "@v"
+
+
+def variant_key(slide_id: str, k: int) -> str:
+    """Bag key of view ``k`` of a slide (0 = the original features)."""
+    return str(slide_id) if k == 0 else f"{slide_id}{VARIANT_SEP}{k}"
+
+
+class Tissues:
+    """Technical variants grouped by tissue.
+
+    Attributes
+    ----------
+    source
+        ``"pairs"`` or ``"generated"``.
+    views
+        Per tissue, its views as ``(row, bag_key)``; singletons have one view.
+    tissue_of_row
+        Tissue index of each clinical row.
+    patient_code
+        Integer code of each row's patient (tissues of one patient are never
+        each other's InfoNCE negatives).
+    """
+
+    def __init__(self, source: str, views: list[list[tuple[int, str]]], n_rows: int,
+                 patient_code: np.ndarray | None = None):
+        self.source = source
+        self.views = views
+        self.patient_code = (np.arange(n_rows, dtype=np.int64) if patient_code is None
+                             else np.asarray(patient_code, dtype=np.int64))
+        self.tissue_of_row = np.full(n_rows, -1, dtype=np.int64)
+        for t, vs in enumerate(views):
+            for row, _ in vs:
+                self.tissue_of_row[row] = t
+
+    @property
+    def n_multi(self) -> int:
+        """Tissues with at least two views (what the robustness losses use)."""
+        return sum(len(v) >= 2 for v in self.views)
+
+    def units(self, rows: np.ndarray) -> list[int]:
+        """Tissues with a view among ``rows`` (sorted, each once)."""
+        t = self.tissue_of_row[np.asarray(rows, dtype=np.int64)]
+        return sorted(set(t[t >= 0].tolist()))
+
+    def restricted(self, rows: np.ndarray) -> list[list[tuple[int, str]]]:
+        """Each tissue's views whose row is in ``rows``, for tissues with one."""
+        keep = set(np.asarray(rows, dtype=np.int64).tolist())
+        out = [[v for v in self.views[t] if v[0] in keep] for t in self.units(rows)]
+        return [v for v in out if v]
+
+
+def build_tissues(clinical: pd.DataFrame, source: str, n_variants: int = 0) -> Tissues | None:
+    """The tissues of ``clinical`` (rows aligned with the table) for ``source``.
+
+    ``"pairs"``: slides sharing a non-empty ``pair_id`` form one tissue, the
+    others are singletons.  ``"generated"``: every slide is a tissue with
+    ``n_variants + 1`` views.  ``"none"`` returns None.
+    """
+    if source not in VARIANT_SOURCES:
+        raise RaypathError(f"unknown variant source {source!r}: choose one of {', '.join(VARIANT_SOURCES)}")
+    if source == "none":
+        return None
+    sids = clinical["slide_id"].astype(str).tolist()
+    codes = pd.factorize(clinical["patient_id"].astype(str))[0] if "patient_id" in clinical else None
+    if source == "generated":
+        if n_variants < 1:
+            raise RaypathError(
+                "variant source 'generated' found no generated feature views: run "
+                "`raypath embed --variants 2` on these slides first"
+            )
+        views = [[(i, variant_key(s, k)) for k in range(n_variants + 1)] for i, s in enumerate(sids)]
+        return Tissues(source, views, len(sids), codes)
+    pair = clinical["pair_id"] if "pair_id" in clinical.columns else pd.Series([None] * len(sids))
+    pair = pair.astype(object).where(pair.notna(), None).tolist()
+    by_pair: dict[str, list[int]] = {}
+    views = []
+    for i, p in enumerate(pair):
+        if p is None or str(p).strip() == "":
+            views.append([(i, sids[i])])
+        else:
+            by_pair.setdefault(str(p), []).append(i)
+    for rows in by_pair.values():
+        views.append([(i, sids[i]) for i in rows])
+    views.sort(key=lambda v: v[0][0])
+    return Tissues(source, views, len(sids), codes)
+
+
+def check_pair_outcomes(clinical: pd.DataFrame, tissues: Tissues, task: str) -> None:
+    """Raise if the slides of one tissue disagree on the outcome (they are the
+    same tissue: a re-scan cannot change a patient's survival or label)."""
+    cols = ["time", "event"] if task == "survival" else ["label"]
+    for vs in tissues.views:
+        rows = sorted({r for r, _ in vs})
+        if len(rows) < 2:
+            continue
+        sub = clinical.iloc[rows][cols].astype(str)
+        if len(sub.drop_duplicates()) > 1:
+            ids = clinical.iloc[rows]["slide_id"].astype(str).tolist()
+            raise RaypathError(
+                f"slides {ids} share a pair_id but have different {'/'.join(cols)}: technical variants "
+                "of one tissue must carry the same outcome; fix the cohort table"
+            )
+
+
+def draw_views(views: list[tuple[int, str]], rng: np.random.Generator) -> tuple[tuple[int, str], tuple[int, str] | None]:
+    """Two distinct views of a tissue drawn at random (the second is None for
+    a tissue with one view)."""
+    if len(views) < 2:
+        return views[0], None
+    i, j = rng.choice(len(views), size=2, replace=False)
+    return views[int(i)], views[int(j)]
+
+
+def unit_batches(
+    units: list[list[tuple[int, str]]],
+    strata: np.ndarray | None,
+    batch_size: int,
+    rng: np.random.Generator,
+    rank: int = 0,
+    world_size: int = 1,
+    balanced: bool = True,
+) -> list[list[int]]:
+    """One epoch of pair-aware batches: lists of unit (tissue) positions.
+
+    The epoch order is drawn over tissues (balanced on ``strata`` per tissue
+    like :func:`epoch_order`) and sharded over ranks by tissue, so every
+    view of a tissue lands in the same batch on the same worker.
+    """
+    order = epoch_order(strata, len(units), rng, balanced)
+    order = shard(order, rank, world_size)
+    return [order[b : b + batch_size].tolist() for b in range(0, len(order), batch_size)]
+
+
+def variant_dirs(feature_dir: str) -> list[str]:
+    """The generated-view stores ``<feature_dir>/variants/v1, v2, ...`` in order."""
+    from raypath.io.storage import filesystem_for, is_remote, join, strip_protocol
+
+    base = join(feature_dir, "variants")
+    fs = filesystem_for(base)
+    target = base if is_remote(base) else strip_protocol(base)
+    if not fs.exists(target):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(target, detail=False)]
+    ks = {int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit()}
+    k = 0
+    while k + 1 in ks:  # v1..vK without gaps
+        k += 1
+    return [join(base, f"v{j}") for j in range(1, k + 1)]
+
+
+def load_generated_views(source, slide_ids, dtype=np.float16) -> tuple[dict[str, np.ndarray], int]:
+    """Original and generated feature views of ``slide_ids`` as one mapping
+    (keys ``<slide_id>`` and ``<slide_id>@v<k>``) and the number of views K.
+
+    ``source`` is a feature store / folder (views under ``variants/v<k>/``,
+    written by ``raypath embed --variants K``) or a mapping that already
+    holds the ``@v<k>`` keys.
+    """
+    from raypath.embed.store import FeatureStore
+
+    slide_ids = [str(s) for s in slide_ids]
+    if isinstance(source, Mapping):
+        k = 0
+        while slide_ids and all(variant_key(s, k + 1) in source for s in slide_ids):
+            k += 1
+        keys = [variant_key(s, j) for s in slide_ids for j in range(k + 1)]
+        return load_bag_arrays(source, keys, dtype), k
+    path = source.path if isinstance(source, FeatureStore) else str(source)
+    dirs = variant_dirs(path)
+    out = load_bag_arrays(source, slide_ids, dtype)
+    for k, d in enumerate(dirs, start=1):
+        store = FeatureStore(d)
+        have = set(store.slide_ids())
+        missing = [s for s in slide_ids if s not in have]
+        if missing:
+            raise RaypathError(
+                f"generated view v{k} in {d!r} lacks slide(s) {missing[:5]}: re-run "
+                f"`raypath embed --variants {len(dirs)}` on the same workdir"
+            )
+        for s in slide_ids:
+            out[variant_key(s, k)] = store.load_bag(s).features.astype(dtype, copy=False)
+    return out, len(dirs)
+
+
+def bag_keys(slide_ids: list[str], n_variants: int = 0) -> list[str]:
+    """The bag keys of ``slide_ids`` with ``n_variants`` generated views each."""
+    return [variant_key(s, k) for s in slide_ids for k in range(n_variants + 1)]
+
+
+def add_synthetic_twins(
+    bags: dict[str, np.ndarray],
+    clinical: pd.DataFrame,
+    fraction: float = 0.5,
+    site_shift: float = 0.5,
+    noise: float = 0.3,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Technical twins for a :func:`make_synthetic_bags` cohort (tests, demos).
+
+    A ``fraction`` of the slides is "re-scanned" at another cohort's site:
+    the same tiles, with a random per-site offset of scale ``site_shift`` in
+    place of the original's and tile noise of sd ``noise``.  Twins share
+    ``pair_id``, patient and outcome with the original.
+    """
+    rng = np.random.default_rng([seed, 15])
+    cohorts = sorted(clinical["cohort"].astype(str).unique())
+    dim = next(iter(bags.values())).shape[1]
+    offset = {c: rng.normal(size=dim) * site_shift for c in cohorts}
+    bags = dict(bags)
+    df = clinical.copy()
+    df["pair_id"] = None
+    picks = rng.permutation(len(df))[: int(round(fraction * len(df)))]
+    rows = []
+    for n, i in enumerate(sorted(picks.tolist())):
+        orig = df.iloc[i]
+        others = [c for c in cohorts if c != str(orig["cohort"])] or cohorts
+        dest = others[int(rng.integers(len(others)))]
+        pid = f"pair{n:04d}"
+        df.loc[df.index[i], "pair_id"] = pid
+        x = bags[orig["slide_id"]].astype(np.float32)
+        twin = x - offset[str(orig["cohort"])] + offset[dest] + rng.normal(size=x.shape) * noise
+        sid = f"{orig['slide_id']}t"
+        bags[sid] = twin.astype(np.float32)
+        rows.append({**orig.to_dict(), "slide_id": sid, "cohort": dest, "pair_id": pid})
+    return bags, pd.concat([df, pd.DataFrame(rows)], ignore_index=True)

@@ -195,3 +195,163 @@ def make_objective(
             "ce", task, out_dim, lambda out, b: classification_loss(out, b["label"]), _class_probs
         )
     raise RaypathError(f"unknown task {task!r}: use 'survival' or 'classification'")
+
+
+# --------------------------------------------------------------------------- robustness losses
+#
+# Henriksen, ..., Kleppe 2026 (METHODS.md §3): two technical variants of one
+# tissue (a re-scan / re-stain, or a generated stain/scanner view) should get
+# the same slide embedding and the same prediction.  The paper names an
+# InfoNCE embedding loss and a score loss; the formulation below is ours
+# (docs/mil.md, "Robustness losses").
+
+SCORE_LOSSES = ("abs", "squared")
+
+
+def info_nce(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    tau: float = 0.1,
+    groups: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+    extra_groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between two views of P tissues.
+
+    Embeddings are L2-normalised; similarities are cosines divided by
+    ``tau``.  For view ``a_i`` the positive is ``b_i`` and the negatives are
+    the other tissues' ``b_j`` plus the ``extra`` embeddings (slides of the
+    batch without a second view); symmetrically for ``b_i``.  The loss is
+    ``0.5 * (CE(a -> b) + CE(b -> a))``, each a mean over the P tissues.
+
+    Parameters
+    ----------
+    z_a, z_b
+        [P, d] embeddings of the two views (row i = tissue i).
+    tau
+        Temperature (> 0).
+    groups, extra_groups
+        Optional integer ids (e.g. patient) of the P tissues and of the
+        extra rows: a candidate with the same id as the anchor, other than
+        its own positive, is not used as a negative (a tissue drawn twice in
+        a batch, or a patient's other block, is no negative of itself).
+    extra
+        [E, d] extra negatives (may be None or empty).
+
+    Returns
+    -------
+    A scalar; 0 (attached to the graph) when P == 0.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, not {tau}")
+    p = len(z_a)
+    if p == 0:
+        return z_a.sum() * 0.0
+    a = F.normalize(z_a, dim=1)
+    b = F.normalize(z_b, dim=1)
+    e = F.normalize(extra, dim=1) if extra is not None and len(extra) else a[:0]
+    logits_ab = a @ torch.cat([b, e]).T / tau  # [P, P+E]
+    logits_ba = b @ torch.cat([a, e]).T / tau
+    if groups is not None:
+        g = groups.reshape(-1).to(a.device)
+        ge = extra_groups.reshape(-1).to(a.device) if len(e) else g[:0]
+        cand = torch.cat([g, ge])
+        same = g.unsqueeze(1) == cand.unsqueeze(0)
+        same[torch.arange(p), torch.arange(p)] = False  # the positive stays
+        logits_ab = logits_ab.masked_fill(same, float("-inf"))
+        logits_ba = logits_ba.masked_fill(same, float("-inf"))
+    target = torch.arange(p, device=a.device)
+    return 0.5 * (F.cross_entropy(logits_ab, target) + F.cross_entropy(logits_ba, target))
+
+
+def score_consistency_loss(s_a: torch.Tensor, s_b: torch.Tensor, kind: str = "abs") -> torch.Tensor:
+    """Mean over tissues of ``|s_a - s_b|`` (``kind="abs"``) or ``(s_a - s_b)^2``
+    (``"squared"``); several outputs per tissue (K logits) are averaged too."""
+    if kind not in SCORE_LOSSES:
+        raise RaypathError(f"unknown score loss {kind!r}: choose one of {', '.join(SCORE_LOSSES)}")
+    if len(s_a) == 0:
+        return s_a.sum() * 0.0
+    d = s_a - s_b
+    return (d.abs() if kind == "abs" else d * d).mean()
+
+
+def consistency_score(objective: Objective, out: torch.Tensor) -> torch.Tensor:
+    """The output the score loss compares: Cox log-risk, the discrete-time
+    risk ``-sum_k S_k`` (nll), or the logit(s) (classification)."""
+    if objective.name == "cox":
+        return out.reshape(-1)
+    if objective.name == "nll":
+        return objective.score(out)
+    return out if out.shape[1] > 1 else out.reshape(-1)
+
+
+@dataclass(frozen=True)
+class RobustWeights:
+    """Weights of ``L = L_task + lambda_emb * InfoNCE + lambda_score * score_loss``."""
+
+    lambda_emb: float = 0.0
+    lambda_score: float = 0.0
+    tau: float = 0.1
+    score_loss: str = "abs"
+
+    @property
+    def active(self) -> bool:
+        return self.lambda_emb > 0 or self.lambda_score > 0
+
+
+def robust_loss(
+    objective: Objective,
+    out_a: torch.Tensor,
+    out_b: torch.Tensor,
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    paired: torch.Tensor,
+    targets: dict,
+    weights: RobustWeights,
+    groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The robust MIL objective of one batch of U tissues.
+
+    Parameters
+    ----------
+    out_a, z_a
+        Outputs [U, o] and embeddings [U, d] of every tissue's first view.
+    out_b, z_b
+        Outputs [P, o] and embeddings [P, d] of the second view of the P
+        tissues that have one (``paired`` [P] = their positions in 0..U-1).
+    targets
+        The tissues' targets (time/event/bin or label, [U]): the two views
+        of a tissue share its outcome.
+    groups
+        Optional [U] ids (patient) that are never negatives of each other.
+
+    The task loss is the mean of the objective over the two views; a tissue
+    without a second view counts its first view twice, so every tissue
+    appears exactly once in each Cox risk set.  InfoNCE and the score loss
+    run over the P paired tissues; the other tissues' embeddings are extra
+    negatives.  Returns ``(loss, parts)`` with the float value of each term.
+    """
+    paired = paired.reshape(-1).long()
+    out_b_full = out_a.index_put((paired,), out_b)
+    task = 0.5 * (objective.loss(out_a, targets) + objective.loss(out_b_full, targets))
+    loss = task
+    parts = {"task": float(task.detach())}
+    if weights.lambda_emb > 0:
+        lone = torch.ones(len(out_a), dtype=torch.bool, device=out_a.device)
+        lone[paired] = False
+        g = groups.reshape(-1).to(out_a.device) if groups is not None else None
+        emb = info_nce(
+            z_a[paired], z_b, weights.tau,
+            groups=None if g is None else g[paired],
+            extra=z_a[lone],
+            extra_groups=None if g is None else g[lone],
+        )
+        loss = loss + weights.lambda_emb * emb
+        parts["info_nce"] = float(emb.detach())
+    if weights.lambda_score > 0:
+        s_a = consistency_score(objective, out_a[paired])
+        s_b = consistency_score(objective, out_b)
+        sc = score_consistency_loss(s_a, s_b, weights.score_loss)
+        loss = loss + weights.lambda_score * sc
+        parts["score"] = float(sc.detach())
+    return loss, parts
