@@ -49,6 +49,10 @@ class Split:
     internal: np.ndarray
     external: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seed: int = 0
+    # lodo: technical twins (same pair_id) of held-out tissues that sit in a
+    # training cohort: never trained on, scored with the fold's model for
+    # the consistency metrics only (raypath.evaluation.consistency)
+    twins: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def key(self) -> str:
@@ -89,6 +93,55 @@ def check_no_leakage(
             raise LeakageError(
                 f"{where}: patient(s) {shared[:10]} are in both train and test; "
                 "splits must be grouped by patient_id"
+            )
+
+
+def pair_ids(clinical: pd.DataFrame) -> np.ndarray:
+    """``pair_id`` of each row as text, ``""`` for a slide without one."""
+    if "pair_id" not in clinical.columns:
+        return np.full(len(clinical), "", dtype=object)
+    p = clinical["pair_id"]
+    return np.where(p.isna(), "", p.astype(str).str.strip()).astype(object)
+
+
+def linked_groups(clinical: pd.DataFrame) -> np.ndarray:
+    """The split unit of each row: its patient, with patients merged when a
+    ``pair_id`` links their slides (technical variants of one tissue), so a
+    pair is never split.  A merged group is named by its first patient id
+    in sorted order; without such links this is ``patient_id`` itself."""
+    patients = clinical["patient_id"].astype(str).to_numpy()
+    parent = {p: p for p in patients}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    first: dict[str, str] = {}
+    for patient, pair in zip(patients, pair_ids(clinical)):
+        if not pair:
+            continue
+        if pair not in first:
+            first[pair] = patient
+            continue
+        a, b = find(first[pair]), find(patient)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.array([find(p) for p in patients], dtype=object)
+
+
+def check_pairs_together(pairs, train: np.ndarray, *evaluate: np.ndarray, where: str = "split") -> None:
+    """Raise :class:`LeakageError` if the slides of one ``pair_id`` (technical
+    variants of one tissue) are on both sides of a split."""
+    pairs = np.asarray(pairs, dtype=object)
+    in_train = {p for p in pairs[np.asarray(train, dtype=np.int64)] if p}
+    for ev in evaluate:
+        shared = sorted(in_train.intersection(p for p in pairs[np.asarray(ev, dtype=np.int64)] if p))
+        if shared:
+            raise LeakageError(
+                f"{where}: pair_id(s) {shared[:10]} have slides in both train and test; technical variants "
+                "of one tissue must stay on one side (give them the same patient_id or fix the pair_id)"
             )
 
 
@@ -171,7 +224,8 @@ def make_splits(
     """
     if protocol not in PROTOCOLS:
         raise RaypathError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    groups = clinical["patient_id"].astype(str).to_numpy()
+    groups = linked_groups(clinical)  # patients, merged across pair_id links
+    pairs = pair_ids(clinical)
     cohort = clinical["cohort"].astype(str).to_numpy()
     y = clinical[target].astype(str).to_numpy()
     rows_all = np.arange(len(clinical))
@@ -202,7 +256,9 @@ def make_splits(
                 test_patients = set(groups[test])
                 pool = rows_all[(cohort != c) & ~np.isin(groups, list(test_patients))]
                 tr, internal = _holdout(pool, strata, groups, internal_fraction, s)
-                splits.append(Split(protocol, r, 0, c, tr, internal, test, seed=s))
+                test_pairs = [p for p in set(pairs[test]) if p]
+                twins = rows_all[(cohort != c) & np.isin(pairs, test_pairs)] if test_pairs else rows_all[:0]
+                splits.append(Split(protocol, r, 0, c, tr, internal, test, seed=s, twins=twins))
         else:  # pairwise
             for c in chosen:
                 pool = rows_all[cohort == c]
@@ -210,6 +266,10 @@ def make_splits(
                 train_patients = set(groups[np.concatenate([tr, internal])])
                 ext = rows_all[(cohort != c) & ~np.isin(groups, list(train_patients))]
                 splits.append(Split(protocol, r, 0, c, tr, internal, ext, seed=s))
+    patients = clinical["patient_id"].astype(str).to_numpy()
     for sp in splits:
-        check_no_leakage(groups, sp.train, sp.internal, sp.external, where=sp.key)
+        check_no_leakage(patients, sp.train, sp.internal, sp.external, sp.twins, where=sp.key)
+        check_no_leakage(groups, sp.train, sp.internal, sp.external, sp.twins, where=sp.key)
+        check_pairs_together(pairs, sp.train, sp.internal, sp.external, sp.twins, where=sp.key)
+        check_pairs_together(pairs, sp.internal, sp.external, where=sp.key)
     return splits
