@@ -26,6 +26,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath.config import StageConfig
+from raypath.train.precision import AMP_HELP
 from raypath.io.jsonio import to_jsonable
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
@@ -65,6 +66,7 @@ class MilConfig(StageConfig):
     seed: int = Field(0, description="base seed (repeat r uses seed + r)")
     num_workers: int = Field(0, ge=0, description="Ray Train workers (0 = in-process, no Ray)")
     use_gpu: bool | None = Field(None, description="Ray Train on GPUs (default: if the cluster has them)")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
     run: str | None = Field(None, description="run name under <workdir>/runs/ (default mil-<task>-<protocol>)")
     clinical: str | None = Field(None, description="clinical table (default <workdir>/slides.parquet)")
     # robustness losses between technical variants of a tissue (docs/mil.md, "Robustness losses")

@@ -353,6 +353,7 @@ def params_from_config(cfg) -> TrainParams:
         n_bins=cfg.n_bins,
         nll_alpha=cfg.nll_alpha,
         eval_every=cfg.eval_every,
+        amp=getattr(cfg, "amp", "auto"),
         **{k: getattr(cfg, k) for k in ROBUST_FIELDS if hasattr(cfg, k)},
     )
 
