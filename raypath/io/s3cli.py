@@ -12,10 +12,29 @@ import time
 
 
 def serve(local_dir: str, bucket: str = "raypath", port: int = 9000) -> None:
-    """Upload ``local_dir`` into an embedded S3 endpoint and serve it until Ctrl-C."""
-    from raypath.io.s3server import start_embedded_s3
+    """Upload ``local_dir`` into an embedded S3 endpoint and serve it until Ctrl-C.
 
-    server = start_embedded_s3(port=port)
+    Raises
+    ------
+    RaypathError
+        ``bucket`` is not a name S3 accepts, ``local_dir`` is not a folder, or
+        ``port`` is out of range or taken.
+    """
+    import os
+
+    from raypath.errors import RaypathError
+    from raypath.io.s3server import start_embedded_s3
+    from raypath.io.storage import validate_bucket_name
+
+    validate_bucket_name(bucket, "--bucket")
+    if not os.path.isdir(local_dir):
+        raise RaypathError(f"DIR {local_dir!r} is not a folder: pass the folder of slides to publish")
+    if not 0 <= int(port) < 65536:
+        raise RaypathError(f"--port {port} is not a TCP port: pass a number from 1 to 65535 (0 = any free port)")
+    try:
+        server = start_embedded_s3(port=port)
+    except (OSError, SystemExit) as e:
+        raise RaypathError(f"--port {port} cannot be used ({e}): pick another port") from None
     try:
         uri = server.upload_dir(local_dir, bucket)
         print(f"serving {local_dir} as {uri} at {server.endpoint_url}")

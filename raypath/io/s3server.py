@@ -61,6 +61,9 @@ class EmbeddedS3:
         os.environ.update(self.environment())
 
     def create_bucket(self, name: str) -> str:
+        from raypath.io.storage import validate_bucket_name
+
+        validate_bucket_name(name, "bucket")
         fs = self.filesystem()
         if not fs.exists(name):
             fs.mkdir(name)
