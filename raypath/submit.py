@@ -180,6 +180,26 @@ def load_job_spec(path: str | Path, variables: dict[str, str] | None = None) -> 
     )
 
 
+def refuse_secrets(runtime_env: dict[str, Any]) -> None:
+    """Raise when a runtime environment would carry a secret.
+
+    A job's ``runtime_env`` is shown by ``ray job list``/the dashboard to anyone
+    who can reach the cluster and is written to Ray's logs on disk, so
+    credentials must come from the nodes (IAM role, IRSA, a Kubernetes
+    secret in the pod spec: ``cluster/README.md``), never from here.
+    """
+    from raypath.io.storage import _is_secret_key
+
+    env_vars = runtime_env.get("env_vars") or {}
+    bad = sorted(k for k in env_vars if _is_secret_key(k))
+    if bad:
+        raise RaypathError(
+            f"the job's environment would carry the secret {', '.join(bad)}: a runtime_env is visible to anyone "
+            "who can list jobs and is written to Ray's logs; remove it and give the cluster's nodes the "
+            "credential (IAM role, IRSA or a Kubernetes secret, see cluster/README.md)"
+        )
+
+
 # --------------------------------------------------------------------------- client
 
 
@@ -292,6 +312,7 @@ def submit_job(
         if not Path(working_dir).is_dir():
             raise RaypathError(f"--working-dir {working_dir} is not a folder")
         env["working_dir"] = str(working_dir)
+    refuse_secrets(env)
     client = client or job_client(address)
     kw: dict[str, Any] = dict(
         entrypoint=spec.entrypoint,
@@ -402,7 +423,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="extra environment variable for the job (repeatable; visible in the job's info: no secrets)")
     p.add_argument("--working-dir", help="local folder to upload as the job's working directory")
     p.add_argument("--submission-id", help="own job id (unique per cluster)")
-    p.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 1 unless it SUCCEEDED")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish; exit with the job's exit code (0, 2, 3, 4; 1 otherwise)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it finishes (implies --wait)")
     p.add_argument("--timeout-s", type=float, help="with --wait: give up waiting after this many seconds")
 
@@ -494,6 +515,7 @@ def _cli(args: argparse.Namespace) -> int:
     if env_vars:
         extra_env["env_vars"] = {**extra_env.get("env_vars", {}), **env_vars}
 
+    refuse_secrets({"env_vars": {**(spec.runtime_env.get("env_vars") or {}), **(extra_env.get("env_vars") or {})}})
     client = job_client(args.address)
     job_id = submit_job(spec, working_dir=args.working_dir, runtime_env=extra_env,
                         submission_id=args.submission_id, client=client)
@@ -507,4 +529,13 @@ def _cli(args: argparse.Namespace) -> int:
     info = job_info(job_id, client=client)
     print(f"{job_id}: {state}" + (f" - {info.message}" if info.message and state != "SUCCEEDED" else ""),
           file=sys.stderr)
-    return 0 if state == "SUCCEEDED" else 1
+    return job_exit_code(state, getattr(info, "driver_exit_code", None))
+
+
+def job_exit_code(state: str, driver_exit_code: int | None) -> int:
+    """``submit --wait``'s exit code: the job's own (0, 2, 3, 4 as for a local run), else 1."""
+    if state == "SUCCEEDED":
+        return 0
+    if driver_exit_code in (2, 3, 4):
+        return int(driver_exit_code)
+    return 1
