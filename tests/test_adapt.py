@@ -42,7 +42,7 @@ def workdir(tmp_path_factory) -> str:
 
 def _cfg(workdir: str, **kw) -> AdaptConfig:
     base = dict(workdir=workdir, model="tiny-vit", epochs=2, warmup_epochs=1, batch_size=8, tiles_per_slide=4,
-                n_local_crops=4, lr=0.5, device="cpu")
+                n_local_crops=4, lr=0.5, device="cpu", tune_cohorts=["all"])
     base.update(kw)
     return AdaptConfig(**base)
 
@@ -138,7 +138,8 @@ def test_cli_adapt_and_bad_model(workdir, capsys):
     from raypath.cli import main
 
     rc = main(["adapt", "--workdir", workdir, "--model", "tiny-vit", "--epochs", "1", "--batch-size", "16",
-               "--tiles-per-slide", "2", "--n-local-crops", "2", "--strength", "0.8", "--run", "cli", "--device", "cpu"])
+               "--tiles-per-slide", "2", "--n-local-crops", "2", "--strength", "0.8", "--run", "cli", "--device", "cpu",
+               "--tune-cohorts", "all"])
     assert rc == 0
     assert "adapters/cli" in capsys.readouterr().out
     cfg = (Path(workdir) / "adapters" / "cli" / "config.yaml").read_text()

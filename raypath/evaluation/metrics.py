@@ -147,13 +147,81 @@ def classification_metrics(label, prob) -> dict[str, float]:
     return out
 
 
-def survival_metrics(time, event, risk, train_time=None, train_event=None) -> dict[str, float]:
-    """Harrell's C, and Uno's C and mean time-dependent AUC when training
-    times are given."""
-    out = {"c_index": harrell_c_index(time, event, risk)}
-    if train_time is not None:
-        out["uno_c"] = uno_c_index(train_time, train_event, time, event, risk)
-        out["td_auc"] = time_dependent_auc(train_time, train_event, time, event, risk)[0]
+#: A C-index from fewer comparable pairs is not reported (NaN, with the reason).
+MIN_COMPARABLE_PAIRS = 10
+
+
+def concordance(time, event, risk, strata=None, min_pairs: int = MIN_COMPARABLE_PAIRS) -> dict:
+    """Harrell's C with its number of comparable pairs, optionally stratified.
+
+    Parameters
+    ----------
+    time, event, risk
+        One row per unit (patient).
+    strata
+        Optional stratum per row (e.g. the cohort): pairs are only compared
+        within a stratum and the counts summed over strata, so an offset of
+        the predicted risk between strata (sites) cannot move the score.
+    min_pairs
+        Below this many comparable pairs the C-index is NaN and
+        ``c_index_note`` says why.
+
+    Returns
+    -------
+    ``{"c_index", "n_comparable_pairs", "c_index_note"}`` (note None when reported).
+    """
+    t, d, r = (np.asarray(x).reshape(-1) for x in (time, event, risk))
+    groups = [np.arange(len(t))] if strata is None else [
+        np.flatnonzero(np.asarray(strata).astype(str) == g) for g in sorted(set(np.asarray(strata).astype(str)))]
+    conc = disc = tied = 0
+    for rows in groups:
+        _, c_, d_, tr_, _ = harrell_c_index(t[rows], d[rows], r[rows], return_counts=True)
+        conc, disc, tied = conc + c_, disc + d_, tied + tr_
+    n = int(conc + disc + tied)
+    if n < min_pairs:
+        return {"c_index": float("nan"), "n_comparable_pairs": n,
+                "c_index_note": f"only {n} comparable pair(s) (< {min_pairs}): C-index not reported"}
+    return {"c_index": (conc + 0.5 * tied) / n, "n_comparable_pairs": n, "c_index_note": None}
+
+
+def per_patient(frame, by=("patient_id",)):
+    """One row per patient (per ``by`` group): the mean risk of its slides, its
+    time and event (a patient with two slides counts once in a C-index)."""
+    cols = list(by)
+    g = frame.groupby(cols, sort=True, dropna=False)
+    return g.agg(time=("time", "first"), event=("event", "max"), risk=("risk", "mean")).reset_index()
+
+
+def survival_metrics(
+    time, event, risk, train_time=None, train_event=None, patients=None, strata=None
+) -> dict[str, float]:
+    """Harrell's C (with ``n_comparable_pairs``), and Uno's C and mean
+    time-dependent AUC when training times are given.
+
+    With ``patients`` the slides are first averaged per patient (mean risk);
+    with ``strata`` (e.g. cohort per slide) the C-index compares pairs only
+    within a stratum, and a patient with slides in two strata counts once in
+    each; Uno's C and the AUC are then not computed (they pool all pairs).
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame({"time": np.asarray(time, dtype=float).reshape(-1),
+                          "event": np.asarray(event).astype(int).reshape(-1),
+                          "risk": np.asarray(risk, dtype=float).reshape(-1)})
+    by = []
+    if strata is not None:
+        frame["stratum"] = np.asarray(strata).astype(str)
+        by.append("stratum")
+    if patients is not None:
+        frame["patient_id"] = np.asarray(patients).astype(str)
+        by.append("patient_id")
+        frame = per_patient(frame, by)
+    out = concordance(frame["time"], frame["event"], frame["risk"],
+                      frame["stratum"] if strata is not None else None)
+    if train_time is not None and strata is None:
+        out["uno_c"] = uno_c_index(train_time, train_event, frame["time"], frame["event"], frame["risk"])
+        out["td_auc"] = time_dependent_auc(train_time, train_event, frame["time"], frame["event"], frame["risk"])[0]
+    out["n_patients" if patients is not None else "n_units"] = int(len(frame))
     return out
 
 
