@@ -266,10 +266,15 @@ def make_splits(
                 train_patients = set(groups[np.concatenate([tr, internal])])
                 ext = rows_all[(cohort != c) & ~np.isin(groups, list(train_patients))]
                 splits.append(Split(protocol, r, 0, c, tr, internal, ext, seed=s))
+    _check_splits(clinical, splits, groups, pairs)
+    return splits
+
+
+def _check_splits(clinical: pd.DataFrame, splits: list[Split], groups: np.ndarray, pairs: np.ndarray) -> None:
+    """No patient, linked patient group or technical-variant pair on two sides of any split."""
     patients = clinical["patient_id"].astype(str).to_numpy()
     for sp in splits:
         check_no_leakage(patients, sp.train, sp.internal, sp.external, sp.twins, where=sp.key)
         check_no_leakage(groups, sp.train, sp.internal, sp.external, sp.twins, where=sp.key)
         check_pairs_together(pairs, sp.train, sp.internal, sp.external, sp.twins, where=sp.key)
         check_pairs_together(pairs, sp.internal, sp.external, where=sp.key)
-    return splits

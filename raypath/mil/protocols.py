@@ -230,6 +230,48 @@ def summarize_folds(fold_metrics: pd.DataFrame, task: str, protocol: str, seed: 
     return out
 
 
+def _split_predictions(df: pd.DataFrame, sp: Split, res: dict, task: str) -> pd.DataFrame:
+    """One split's prediction rows (internal, external and twin slides)."""
+    rows = np.asarray(res["rows"], dtype=np.int64)
+    scores = np.asarray(res["scores"])
+    cols = ["slide_id", "patient_id", "cohort"] + (["time", "event"] if task == "survival" else ["label", "label_index"])
+    p = df.iloc[rows][cols].reset_index(drop=True)
+    p.insert(3, "protocol", sp.protocol)
+    p.insert(4, "name", sp.name)
+    p.insert(5, "repeat", sp.repeat)
+    p.insert(6, "fold", sp.fold)
+    p.insert(7, "split", list(res["sets"]))
+    if task == "survival":
+        p["risk"] = scores.reshape(-1)
+    else:
+        for k in range(scores.shape[1]):
+            p[f"prob_{k}"] = scores[:, k]
+        p["pred_index"] = scores.argmax(axis=1)
+        classes = df.drop_duplicates("label_index").set_index("label_index")["label"]
+        p["pred_label"] = classes.reindex(p["pred_index"]).to_numpy()
+    return p
+
+
+def _train_splits(bags_source, bag_ids: list[str], df: pd.DataFrame, splits: list[Split], params: TrainParams,
+                  num_workers: int, checkpoint_dir: str | None, ray_storage_path: str | None, ray_name: str,
+                  use_gpu: bool | None) -> dict[str, dict]:
+    """Train every split in this process or on Ray Train workers; ``{split.key: result}``."""
+    from raypath.embed.store import FeatureStore
+    from raypath.mil.data import load_bag_arrays
+
+    if num_workers and num_workers > 0:
+        source = bags_source.path if isinstance(bags_source, FeatureStore) else bags_source
+        if not isinstance(source, str):
+            source = load_bag_arrays(source, bag_ids)
+        if ray_storage_path is None:
+            import tempfile
+
+            ray_storage_path = tempfile.mkdtemp(prefix="raypath-mil-")
+        return run_splits_ray(source, df, splits, params, num_workers, ray_storage_path, ray_name, use_gpu=use_gpu)
+    bags = load_bag_arrays(bags_source, bag_ids)
+    return run_splits(LocalContext(checkpoint_dir), bags, df, splits, params)
+
+
 def run_protocol(
     bags_source,
     clinical: pd.DataFrame,
@@ -265,8 +307,6 @@ def run_protocol(
     ray_storage_path, ray_name
         Ray Train run location (resume by re-running with the same values).
     """
-    from raypath.embed.store import FeatureStore
-
     task = params.task
     df = validate_clinical(clinical, task)
     if task == "classification":
@@ -282,46 +322,14 @@ def run_protocol(
     # technical variants (pairs / generated views): robustness losses + consistency metrics
     bags_source, tissues = prepare_variants(bags_source, df, params)
     bag_ids = bag_keys(df["slide_id"].astype(str).tolist(), params.n_variants if tissues is not None else 0)
-
-    if num_workers and num_workers > 0:
-        source = bags_source.path if isinstance(bags_source, FeatureStore) else bags_source
-        if not isinstance(source, str):
-            from raypath.mil.data import load_bag_arrays
-
-            source = load_bag_arrays(source, bag_ids)
-        if ray_storage_path is None:
-            import tempfile
-
-            ray_storage_path = tempfile.mkdtemp(prefix="raypath-mil-")
-        results = run_splits_ray(
-            source, df, splits, params, num_workers, ray_storage_path, ray_name, use_gpu=use_gpu
-        )
-    else:
-        from raypath.mil.data import load_bag_arrays
-
-        bags = load_bag_arrays(bags_source, bag_ids)
-        results = run_splits(LocalContext(checkpoint_dir), bags, df, splits, params)
+    results = _train_splits(bags_source, bag_ids, df, splits, params, num_workers, checkpoint_dir,
+                            ray_storage_path, ray_name, use_gpu)
 
     pred_frames, curve_rows, fold_rows, view_frames = [], [], [], []
     for sp in splits:
         res = results[sp.key]
         rows = np.asarray(res["rows"], dtype=np.int64)
-        scores = np.asarray(res["scores"])
-        cols = ["slide_id", "patient_id", "cohort"] + (["time", "event"] if task == "survival" else ["label", "label_index"])
-        p = df.iloc[rows][cols].reset_index(drop=True)
-        p.insert(3, "protocol", sp.protocol)
-        p.insert(4, "name", sp.name)
-        p.insert(5, "repeat", sp.repeat)
-        p.insert(6, "fold", sp.fold)
-        p.insert(7, "split", list(res["sets"]))
-        if task == "survival":
-            p["risk"] = scores.reshape(-1)
-        else:
-            for k in range(scores.shape[1]):
-                p[f"prob_{k}"] = scores[:, k]
-            p["pred_index"] = scores.argmax(axis=1)
-            classes = df.drop_duplicates("label_index").set_index("label_index")["label"]
-            p["pred_label"] = classes.reindex(p["pred_index"]).to_numpy()
+        p = _split_predictions(df, sp, res, task)
         pred_frames.append(p)
         curve_rows.extend(res["curves"])
         rows_m = _fold_metrics(df, sp, p, task)
