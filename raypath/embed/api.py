@@ -63,7 +63,7 @@ from raypath.embed.store import (
 )
 from raypath.fm.registry import ModelSpec, get_spec
 from raypath.io.storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
-from raypath.wsi.tile_table import read_tile_table
+from raypath.wsi.tile_table import read_slide_tiles, tile_index, tiles_hash  # noqa: F401 (tiles_hash: API)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,14 @@ class EmbedConfig(StageConfig):
     object_store_limit_mb: int | None = Field(
         None, ge=64, description="cap on Ray Data's object-store use (small machines)"
     )
+    variants: int = Field(
+        0, ge=0, description="also write K generated stain/scanner views per slide to <features>/variants/v<k>/ "
+        "(one seeded draw per slide and view, applied to all its tiles; for `raypath mil --variant-source generated`)",
+    )
+    variant_strength: float = Field(
+        0.33, ge=0, le=1, description="augmentation strength of the generated views (0 weak, 1/3 strong, 1 max)"
+    )
+    variant_seed: int = Field(0, description="seed of the generated views' draws")
 
     def s3_options(self) -> S3Options:
         return S3Options.from_env()
@@ -144,6 +152,7 @@ class ModelIdentity:
     spec: ModelSpec
     weights_sha256: str
     adapter_sha256: str | None
+    variant: dict | None = None  # generated stain/scanner view (raypath.embed.variants.VariantSpec.identity)
 
     @property
     def model_key(self) -> str:
@@ -179,24 +188,19 @@ def model_identity(model: str | ModelSpec, weights: str | None, adapter: str | N
     return ModelIdentity(spec, w, a)
 
 
-def tiles_hash(tiles: pd.DataFrame) -> str:
-    """sha256 of a slide's tile geometry (tile_id, x, y, level, read_px, tile_px), order-independent."""
-    t = tiles.sort_values("tile_id")
-    arr = np.stack([t[c].to_numpy(np.int64) for c in _TILE_COLS], axis=1)
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def slide_cache_key(fingerprint: str, tiles: pd.DataFrame, ident: ModelIdentity, dtype: str) -> str:
+def slide_cache_key(fingerprint: str, tiles: pd.DataFrame | str, ident: ModelIdentity, dtype: str) -> str:
+    """Cache key of one slide's features; ``tiles`` is the slide's rows or their :func:`tiles_hash`."""
     return cache_key(
         {
             "slide_fingerprint": fingerprint,
-            "tiles": tiles_hash(tiles),
+            "tiles": tiles if isinstance(tiles, str) else tiles_hash(tiles),
             "model_key": ident.model_key,
             "arch": [ident.spec.family, ident.spec.arch, ident.spec.arch_kwargs],
             "weights_sha256": ident.weights_sha256,
             "adapter_sha256": ident.adapter_sha256,
             "preprocessing": ident.spec.preprocessing(),
             "dtype": dtype,
+            **({"variant": ident.variant} if ident.variant is not None else {}),
         }
     )
 
@@ -204,14 +208,16 @@ def slide_cache_key(fingerprint: str, tiles: pd.DataFrame, ident: ModelIdentity,
 # --------------------------------------------------------------------------- per-item logic (no Ray)
 
 
-def encode_tiles(tiles: pd.DataFrame) -> bytes:
-    """A slide's tile rows as compact bytes (int64 x 6 per tile) for a read task."""
-    return np.ascontiguousarray(np.stack([tiles[c].to_numpy(np.int64) for c in _TILE_COLS], axis=1)).tobytes()
-
-
-def decode_tiles(blob: bytes) -> pd.DataFrame:
-    arr = np.frombuffer(blob, dtype=np.int64).reshape(-1, len(_TILE_COLS))
-    return pd.DataFrame(arr, columns=list(_TILE_COLS))
+def _error_row(slide_id: str, tile_px: int, msg: str) -> dict[str, np.ndarray]:
+    """The one row that records a slide that could not be read (the driver marks it failed)."""
+    return {
+        "slide_id": np.array([slide_id], dtype=object),
+        "tile_id": np.array([-1], np.int64),
+        "x": np.array([0], np.int64),
+        "y": np.array([0], np.int64),
+        "image": np.zeros((1, tile_px, tile_px, 3), np.uint8),
+        "error": np.array([msg[:2000]], dtype=object),
+    }
 
 
 def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size: int,
@@ -235,14 +241,32 @@ def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size:
         px = int(tiles["tile_px"].iloc[0]) if len(tiles) else 224
         msg = f"{type(e).__name__}: {e}"
         log.warning("embed: slide %s failed while reading: %s", slide_id, msg)
-        yield {
-            "slide_id": np.array([slide_id], dtype=object),
-            "tile_id": np.array([-1], np.int64),
-            "x": np.array([0], np.int64),
-            "y": np.array([0], np.int64),
-            "image": np.zeros((1, px, px, 3), np.uint8),
-            "error": np.array([msg[:2000]], dtype=object),
-        }
+        yield _error_row(slide_id, px, msg)
+
+
+def read_planned_slide(slide_id: str, uri: str, workdir: str, tiles_sha256: str, tile_px: int,
+                       batch_size: int, num_threads: int = 1,
+                       s3: S3Options | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """A read task's work for one slide: load the slide's own rows of ``tiles.parquet`` (one part),
+    check they are the rows the driver planned (same :func:`tiles_hash`), then read them."""
+    try:
+        tiles = read_slide_tiles(workdir, slide_id, s3, columns=list(_TILE_COLS)).sort_values("tile_id")
+    except Exception as e:
+        yield _error_row(slide_id, tile_px, f"reading its rows of tiles.parquet failed ({type(e).__name__}: {e})")
+        return
+    if tiles_hash(tiles) != tiles_sha256:
+        yield _error_row(slide_id, tile_px, "tiles.parquet changed since the run was planned (re-tiled?): "
+                         "re-run `raypath embed`")
+        return
+    yield from read_slide_batches(slide_id, uri, tiles, batch_size, num_threads, s3)
+
+
+def _read_fn(batch: dict[str, np.ndarray], workdir: str, batch_size: int,
+             num_threads: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data read UDF: one planned slide (slide_id, uri, tiles_sha256, tile_px) per input row."""
+    for sid, uri, sha, px in zip(batch["slide_id"], batch["uri"], batch["tiles_sha256"], batch["tile_px"]):
+        yield from read_planned_slide(str(sid), str(uri), workdir, str(sha), int(px), batch_size,
+                                      num_threads, S3Options.from_env())
 
 
 class TileEmbedder:
@@ -257,8 +281,9 @@ class TileEmbedder:
 
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from raypath.train.precision import resolve_device, resolve_precision  # the one resolver (train/)
+
+        device = str(resolve_device(device or "auto"))
         self.device = device
         self.batch_size = int(batch_size)
         self.dtype = np.float16 if dtype == "float16" else np.float32
@@ -273,7 +298,7 @@ class TileEmbedder:
             self.backbone.to(torch.bfloat16)
             self.input_dtype = torch.bfloat16
         elif on_gpu and amp != "off":
-            self.amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+            self.amp_dtype = resolve_precision(device, amp).dtype  # bf16, or fp16 where the GPU lacks bf16
         self._forward = self.backbone
         if compile:
             self._forward = torch.compile(self.backbone)
@@ -326,10 +351,15 @@ class EmbedActor:
     """Ray Data actor: one model per actor, loaded once in ``__init__``."""
 
     def __init__(self, **kw: Any):
+        self.variant = kw.pop("variant", None)  # generated view: raypath.embed.variants.VariantSpec
         self.embedder = TileEmbedder(**kw)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
+        if self.variant is not None:
+            from raypath.embed.variants import apply_variant
+
+            images = apply_variant(images, batch["slide_id"], self.variant)
         err = np.asarray(batch["error"], dtype=object)
         ok = np.array([not e for e in err], bool)
         dim = self.embedder.backbone.spec.embed_dim
@@ -357,14 +387,40 @@ class EmbedActor:
 # --------------------------------------------------------------------------- driver
 
 
+@dataclass
+class SlideTask:
+    """One slide to embed, as the driver holds it: a few fields, never its tile rows."""
+
+    slide_id: str
+    uri: str
+    n_tiles: int
+    tiles_sha256: str
+    tile_px: int
+    entry: dict
+
+
+@dataclass
+class EmbedPlan:
+    """The driver's plan, from ``slides.parquet`` and the per-slide tile index (footers of
+    ``tiles.parquet``'s parts): memory grows with the number of slides, not of tiles."""
+
+    rows: list[dict]  # slides not embedded this run: no_tiles / skipped
+    todo: list[SlideTask]
+    entries: dict[str, dict]  # manifest entries (slides up to date)
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(t.n_tiles for t in self.todo)
+
+
 def _load_inputs(cfg: EmbedConfig, s3: S3Options) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ok slides of ``slides.parquet``, their :func:`raypath.wsi.tile_table.tile_index`)."""
     slides_uri = join(cfg.workdir, "slides.parquet")
     tiles_uri = join(cfg.workdir, "tiles.parquet")
     for uri, verb in ((slides_uri, "raypath ingest"), (tiles_uri, "raypath tile")):
         if not exists(uri, s3):
             raise RaypathError(f"{uri} not found: run `{verb}` on this workdir first")
     slides = read_parquet(slides_uri, s3).to_pandas()
-    tiles = read_tile_table(cfg.workdir, s3, columns=["slide_id", *_TILE_COLS])
     if "status" in slides.columns:
         slides = slides[slides["status"].fillna("ok") == "ok"]
     if cfg.slide_ids:
@@ -374,8 +430,168 @@ def _load_inputs(cfg: EmbedConfig, s3: S3Options) -> tuple[pd.DataFrame, pd.Data
                 f"--slide-ids {unknown[:5]} are not ok slides of {slides_uri}: check the ids or re-run ingest"
             )
         slides = slides[slides["slide_id"].isin(cfg.slide_ids)]
-    tiles = tiles[tiles["slide_id"].isin(set(slides["slide_id"]))]
-    return slides.reset_index(drop=True), tiles
+    index = tile_index(cfg.workdir, s3, slide_ids=set(slides["slide_id"].astype(str)))
+    return slides.reset_index(drop=True), index
+
+
+def _slide_entry(slide, ix, ident: ModelIdentity, dtype: str) -> dict:
+    """Manifest entry (with the cache key) of one slide from its slides.parquet row and tile-index row."""
+    fp = str(getattr(slide, "fingerprint", "") or "")
+    ds = 1.0
+    lds = getattr(slide, "level_downsamples", None)
+    if lds is not None and len(lds) > int(ix.level):
+        ds = float(lds[int(ix.level)])
+    return {
+        "cache_key": slide_cache_key(fp, str(ix.tiles_sha256), ident, dtype),
+        "slide_fingerprint": fp,
+        "tiles_sha256": str(ix.tiles_sha256),
+        "n_tiles": int(ix.n_tiles),
+        "patch_size": int(ix.tile_px),
+        "patch_size_level0": int(round(int(ix.read_px) * ds)),
+        "read_px": int(ix.read_px),
+        "level": int(ix.level),
+    }
+
+
+def plan_embed(cfg: EmbedConfig, ident: ModelIdentity, feature_dir: str, s3: S3Options) -> EmbedPlan:
+    """Which slides to embed, from per-slide tile counts and hashes (no tile row is loaded here)."""
+    slides, index = _load_inputs(cfg, s3)
+    by_slide = {str(r.slide_id): r for r in index.itertuples(index=False)}
+    manifest = read_manifest(feature_dir, s3)
+    if manifest.get("model_key") not in (None, ident.model_key):
+        log.warning("embed: %s held %s; entries of other models are dropped", feature_dir, manifest.get("model_key"))
+        manifest = {}
+    plan = EmbedPlan([], [], dict(manifest.get("slides", {})))
+    present = _existing(feature_dir, s3)
+    for r in slides.itertuples(index=False):
+        sid = str(r.slide_id)
+        ix = by_slide.get(sid)
+        if ix is None or int(ix.n_tiles) == 0:
+            plan.rows.append({"slide_id": sid, "status": "no_tiles", "n_tiles": 0, "error": None})
+            continue
+        entry = _slide_entry(r, ix, ident, cfg.dtype)
+        up_to_date = False
+        if not cfg.force and sid in present:
+            if plan.entries.get(sid, {}).get("cache_key") == entry["cache_key"]:
+                up_to_date = True
+            elif file_cache_key(feature_dir, sid, s3) == entry["cache_key"]:  # written before a crash
+                up_to_date = True
+                plan.entries[sid] = entry
+        if up_to_date:
+            plan.rows.append({"slide_id": sid, "status": "skipped", "n_tiles": int(ix.n_tiles), "error": None})
+        else:
+            plan.todo.append(SlideTask(sid, str(r.uri), int(ix.n_tiles), str(ix.tiles_sha256), int(ix.tile_px), entry))
+    return plan
+
+
+def _base_manifest(cfg: EmbedConfig, ident: ModelIdentity) -> dict:
+    spec = ident.spec
+    return {
+        "version": MANIFEST_VERSION,
+        "model_key": ident.model_key,
+        "model": spec.key,
+        "family": spec.family,
+        "arch": spec.arch,
+        "embed_dim": spec.embed_dim,
+        "dtype": cfg.dtype,
+        "weights": cfg.weights if cfg.weights else (spec.hf_repo or "random:0"),
+        "weights_sha256": ident.weights_sha256,
+        "adapter": cfg.adapter,
+        "adapter_sha256": ident.adapter_sha256,
+        "preprocessing": spec.preprocessing(),
+        "resize": "PIL bilinear read_px -> tile_px (reader), then bilinear+antialias tile_px -> img_size (device)",
+        "schema": "slide_id string, tile_id int64, x int64, y int64, embedding fixed_size_list<"
+        + cfg.dtype + ">[" + str(spec.embed_dim) + "]",
+        **({"variant": ident.variant} if ident.variant is not None else {}),
+    }
+
+
+def _assemble_slide(parts: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tile_ids sorted and de-duplicated (retried reads), xy [n, 2], features [n, D]) of one slide."""
+    tid, first = np.unique(np.concatenate([p["tile_id"] for p in parts]), return_index=True)
+    xy = np.stack([np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])], axis=1)
+    return tid, xy[first], np.concatenate([p["embedding"] for p in parts])[first]
+
+
+class _Collector:
+    """Driver side: output rows -> complete slides -> feature files (threads) + manifest; holds slides in flight."""
+
+    def __init__(self, cfg: EmbedConfig, plan: EmbedPlan, ident: ModelIdentity, feature_dir: str, s3: S3Options):
+        self.cfg, self.ident, self.feature_dir, self.s3 = cfg, ident, feature_dir, s3
+        self.base, self.entries, self.failed = _base_manifest(cfg, ident), plan.entries, {}
+        self.expected = {t.slide_id: t.n_tiles for t in plan.todo}
+        self.entry_of = {t.slide_id: t.entry for t in plan.todo}
+        self.acc: dict[str, list[dict[str, np.ndarray]]] = {}
+        self.seen: dict[str, set] = {}
+        self.progress = _Progress(len(plan.todo), plan.n_tiles, cfg.progress_interval_s)
+        self.writer = ThreadPoolExecutor(2, thread_name_prefix="raypath-write")
+        self.pending: list[tuple[str, Future]] = []
+        self.last_flush = time.perf_counter()
+        self.tiles_done = 0
+
+    def flush(self) -> None:
+        doc = dict(self.base, slides=dict(sorted(self.entries.items())), failed=dict(sorted(self.failed.items())))
+        write_manifest(self.feature_dir, doc, self.s3)
+
+    def reap(self, block: bool = False) -> None:
+        keep = []
+        for sid, fut in self.pending:
+            if block or fut.done():
+                try:
+                    fut.result()
+                    self.entries[sid] = self.entry_of[sid]
+                    self.progress.done += 1
+                except Exception as e:  # storage errors: recorded, the slide is retried next run
+                    self.failed[sid] = f"write failed: {type(e).__name__}: {e}"
+                    self.progress.failed += 1
+            else:
+                keep.append((sid, fut))
+        self.pending[:] = keep
+        if block or time.perf_counter() - self.last_flush > 5.0:
+            self.flush()
+            self.last_flush = time.perf_counter()
+
+    def add(self, out: dict[str, np.ndarray]) -> None:
+        """One output batch of the actor pool."""
+        sids = np.asarray(out["slide_id"], dtype=object)
+        errs = np.asarray(out["error"], dtype=object)
+        for sid in pd.unique(sids):
+            m = sids == sid
+            if sid in self.failed or sid not in self.expected:
+                continue
+            bad = [e for e in errs[m] if e]
+            if bad:
+                self.failed[sid] = str(bad[0])
+                self.acc.pop(sid, None)
+                self.progress.failed += 1
+                log.warning("embed: slide %s failed: %s", sid, bad[0])
+                continue
+            part = {k: np.asarray(out[k])[m] for k in ("tile_id", "x", "y", "embedding")}
+            self.acc.setdefault(sid, []).append(part)
+            got = self.seen.setdefault(sid, set())
+            before = len(got)
+            got.update(part["tile_id"].tolist())
+            self.progress.tiles += len(got) - before
+            if len(got) >= self.expected[sid]:
+                self._write(sid)
+        self.reap()
+        self.progress.maybe_log()
+
+    def _write(self, sid: str) -> None:
+        self.seen.pop(sid)
+        tid, xy, feats = _assemble_slide(self.acc.pop(sid))
+        self.tiles_done += len(tid)
+        meta = {CACHE_KEY_META: self.entry_of[sid]["cache_key"], "model_key": self.ident.model_key}
+        self.pending.append((sid, self.writer.submit(
+            write_bag_table, self.feature_dir, sid, tid, xy, feats, self.cfg.dtype, self.s3, meta)))
+
+    def close(self) -> None:
+        self.reap(block=True)
+        self.writer.shutdown(wait=True)
+        for sid in self.expected:
+            if sid not in self.entries and sid not in self.failed:
+                self.failed[sid] = f"incomplete: {len(self.seen.get(sid, ()))}/{self.expected[sid]} tiles came back"
+        self.flush()
 
 
 def derive_resources(cfg: EmbedConfig) -> tuple[int, float, float]:
@@ -463,6 +679,73 @@ def _existing(feature_dir: str, s3: S3Options) -> set[str]:
     return {n[: -len(".parquet")] for n in names if n.endswith(".parquet")}
 
 
+def _absolute_paths(cfg: EmbedConfig) -> EmbedConfig:
+    """Actors and read tasks may run in another working directory: hand them absolute local paths."""
+    local = {k: os.path.abspath(v) for k in ("weights", "adapter", "workdir")
+             if (v := getattr(cfg, k)) and not is_remote(v) and os.path.exists(v)}
+    return cfg.model_copy(update=local) if local else cfg
+
+
+def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=None):
+    """Ray Data: one input row per planned slide -> read tasks (each loads its slide's tiles) -> actors."""
+    import ray.data
+
+    n_actors, gpus, cpus = derive_resources(cfg)
+    items = [{"slide_id": t.slide_id, "uri": t.uri, "tiles_sha256": t.tiles_sha256, "tile_px": t.tile_px}
+             for t in plan.todo]
+    actor_kw = dict(model=spec.key, weights=cfg.weights, adapter=cfg.adapter, batch_size=cfg.batch_size,
+                    device="cuda" if gpus > 0 else "cpu", amp=cfg.amp, compile=cfg.compile,
+                    channels_last=cfg.channels_last, num_threads=None if gpus > 0 else int(cpus),
+                    dtype=cfg.dtype, variant=variant)
+    concurrency = cfg.actor_concurrency or (2 if gpus > 0 else 1)
+    log.info("embed: %d actor(s) x (%g GPU, %g CPU), batch %d, %d batch(es) in flight per actor, %s",
+             n_actors, gpus, cpus, cfg.batch_size, concurrency, "GPU" if gpus > 0 else "CPU")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The memory request differs from the actors' resources on purpose: operators with equal
+    # resources are fused, and reading must run in its own tasks, overlapping the forward
+    # passes.  A retried read may re-send tiles; the driver de-duplicates by tile_id.
+    ds = ds.map_batches(_read_fn, batch_size=1, batch_format="numpy", num_cpus=1, memory=READ_TASK_MEMORY_BYTES,
+                        fn_kwargs=dict(workdir=cfg.workdir, batch_size=cfg.batch_size, num_threads=cfg.read_threads))
+    return ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs=actor_kw,
+        compute=ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=concurrency),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_gpus=gpus,
+        num_cpus=cpus,
+    )
+
+
+def _run_pipeline(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, col: _Collector, variant=None) -> dict:
+    """Stream the planned slides through Ray Data into ``col``; timing of the first/last output."""
+    from raypath.io.ray_env import ensure_ray
+
+    ensure_ray()
+    tile_px = max(t.tile_px for t in plan.todo)
+    t = {"first": None, "last": None, "tiles_at_first": 0, "stats": ""}
+    with _data_context(cfg, cfg.batch_size * tile_px * tile_px * 3):
+        ds = _build_dataset(cfg, plan, spec, variant)
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                now = time.perf_counter()
+                if t["first"] is None:
+                    t["first"], t["tiles_at_first"] = now, len(out["tile_id"])
+                t["last"] = now
+                col.add(out)
+        except Exception as e:
+            col.reap(block=True)
+            col.writer.shutdown(wait=True)
+            raise RaypathError(
+                f"embedding failed after {col.progress.done} slides ({type(e).__name__}: {e}); finished slides "
+                "are kept: fix the cause and re-run the same command to resume"
+            ) from e
+        col.close()
+        with contextlib.suppress(Exception):
+            t["stats"] = ds.stats()
+    return t
+
+
 def embed(cfg: EmbedConfig) -> EmbedResult:
     """Embed every tile of ``cfg.workdir``'s slides; see the module docstring.
 
@@ -470,237 +753,44 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     -------
     EmbedResult with one row per slide (``status``: done / skipped / failed).
     """
-    from raypath.io.ray_env import ensure_ray
-
     t_start = time.perf_counter()
     s3 = cfg.s3_options()
-    # actors may run in another working directory: hand them absolute local paths
-    local = {k: os.path.abspath(v) for k in ("weights", "adapter")
-             if (v := getattr(cfg, k)) and not is_remote(v) and os.path.exists(v)}
-    if local:
-        cfg = cfg.model_copy(update=local)
+    cfg = _absolute_paths(cfg)
     ident = model_identity(cfg.model, cfg.weights, cfg.adapter)
-    spec = ident.spec
     feature_dir = cfg.feature_dir or join(cfg.workdir, "features", ident.model_key)
-    slides, tiles = _load_inputs(cfg, s3)
-    by_slide = {sid: t for sid, t in tiles.groupby("slide_id", sort=False)}
-
-    manifest = read_manifest(feature_dir, s3)
-    if manifest.get("model_key") not in (None, ident.model_key):
-        log.warning("embed: %s held %s; entries of other models are dropped", feature_dir, manifest.get("model_key"))
-        manifest = {}
-    entries: dict[str, dict] = dict(manifest.get("slides", {}))
-    present = _existing(feature_dir, s3)
-
-    rows, todo = [], []
-    for r in slides.itertuples(index=False):
-        sid = r.slide_id
-        t = by_slide.get(sid)
-        if t is None or len(t) == 0:
-            rows.append({"slide_id": sid, "status": "no_tiles", "n_tiles": 0, "error": None})
-            continue
-        fp = str(getattr(r, "fingerprint", "") or "")
-        key = slide_cache_key(fp, t, ident, cfg.dtype)
-        first = t.iloc[0]
-        ds = 1.0
-        lds = getattr(r, "level_downsamples", None)
-        if lds is not None and len(lds) > int(first["level"]):
-            ds = float(lds[int(first["level"])])
-        entry = {
-            "cache_key": key,
-            "slide_fingerprint": fp,
-            "tiles_sha256": tiles_hash(t),
-            "n_tiles": int(len(t)),
-            "patch_size": int(first["tile_px"]),
-            "patch_size_level0": int(round(int(first["read_px"]) * ds)),
-            "read_px": int(first["read_px"]),
-            "level": int(first["level"]),
-        }
-        up_to_date = False
-        if not cfg.force and sid in present:
-            if entries.get(sid, {}).get("cache_key") == key:
-                up_to_date = True
-            elif file_cache_key(feature_dir, sid, s3) == key:  # written before a crash, manifest not yet
-                up_to_date = True
-                entries[sid] = entry
-        if up_to_date:
-            rows.append({"slide_id": sid, "status": "skipped", "n_tiles": int(len(t)), "error": None})
-        else:
-            todo.append((sid, str(r.uri), t, entry))
-
-    base_manifest = {
-        "version": MANIFEST_VERSION,
-        "model_key": ident.model_key,
-        "model": spec.key,
-        "family": spec.family,
-        "arch": spec.arch,
-        "embed_dim": spec.embed_dim,
-        "dtype": cfg.dtype,
-        "weights": cfg.weights if cfg.weights else (spec.hf_repo or "random:0"),
-        "weights_sha256": ident.weights_sha256,
-        "adapter": cfg.adapter,
-        "adapter_sha256": ident.adapter_sha256,
-        "preprocessing": spec.preprocessing(),
-        "resize": "PIL bilinear read_px -> tile_px (reader), then bilinear+antialias tile_px -> img_size (device)",
-        "schema": "slide_id string, tile_id int64, x int64, y int64, embedding fixed_size_list<"
-        + cfg.dtype + ">[" + str(spec.embed_dim) + "]",
-    }
-
-    def flush() -> None:
-        doc = dict(base_manifest, slides=dict(sorted(entries.items())), failed=dict(sorted(failed.items())))
-        write_manifest(feature_dir, doc, s3)
-
-    failed: dict[str, str] = {}
-    n_todo_tiles = sum(len(t) for _, _, t, _ in todo)
-    log.info(
-        "embed: model %s -> %s; %d slides to embed (%d tiles), %d up to date",
-        spec.key, feature_dir, len(todo), n_todo_tiles, sum(r["status"] == "skipped" for r in rows),
-    )
+    plan = plan_embed(cfg, ident, feature_dir, s3)
+    log.info("embed: model %s -> %s; %d slides to embed (%d tiles), %d up to date", ident.spec.key, feature_dir,
+             len(plan.todo), plan.n_tiles, sum(r["status"] == "skipped" for r in plan.rows))
     cfg.save(feature_dir)
-    tiles_done = 0
-    stats = ""
+    col = _Collector(cfg, plan, ident, feature_dir, s3)
+    rows = list(plan.rows)
     first_output_s = steady = None
-    if todo:
-        ensure_ray()
-        import ray.data
-
-        n_actors, gpus, cpus = derive_resources(cfg)
-        tile_px = int(max(int(t["tile_px"].max()) for _, _, t, _ in todo))
-        batch_bytes = cfg.batch_size * tile_px * tile_px * 3
-        items = [{"slide_id": sid, "uri": uri, "tiles": encode_tiles(t.sort_values("tile_id"))}
-                 for sid, uri, t, _ in todo]
-        expected = {sid: len(t) for sid, _, t, _ in todo}
-        entry_of = {sid: e for sid, _, _, e in todo}
-        batch_size, threads = cfg.batch_size, cfg.read_threads
-
-        def read_fn(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-            for sid, uri, blob in zip(batch["slide_id"], batch["uri"], batch["tiles"]):
-                yield from read_slide_batches(str(sid), str(uri), decode_tiles(bytes(blob)), batch_size,
-                                              threads, S3Options.from_env())
-
-        actor_kw = dict(model=spec.key, weights=cfg.weights, adapter=cfg.adapter, batch_size=cfg.batch_size,
-                        device="cuda" if gpus > 0 else "cpu", amp=cfg.amp, compile=cfg.compile,
-                        channels_last=cfg.channels_last, num_threads=None if gpus > 0 else int(cpus),
-                        dtype=cfg.dtype)
-        concurrency = cfg.actor_concurrency or (2 if gpus > 0 else 1)
-        log.info("embed: %d actor(s) x (%g GPU, %g CPU), batch %d, %d batch(es) in flight per actor, %s",
-                 n_actors, gpus, cpus, cfg.batch_size, concurrency, "GPU" if gpus > 0 else "CPU")
-        progress = _Progress(len(todo), n_todo_tiles, cfg.progress_interval_s)
-        acc: dict[str, list[dict[str, np.ndarray]]] = {}
-        seen: dict[str, set] = {}
-        writer = ThreadPoolExecutor(2, thread_name_prefix="raypath-write")
-        pending: list[tuple[str, Future]] = []
-        last_flush = time.perf_counter()
-        t_first = t_last = None
-        tiles_at_first = 0
-
-        def reap(block: bool = False) -> None:
-            nonlocal last_flush
-            keep = []
-            for sid, fut in pending:
-                if block or fut.done():
-                    try:
-                        fut.result()
-                        entries[sid] = entry_of[sid]
-                        progress.done += 1
-                    except Exception as e:  # storage errors: recorded, the slide is retried next run
-                        failed[sid] = f"write failed: {type(e).__name__}: {e}"
-                        progress.failed += 1
-                else:
-                    keep.append((sid, fut))
-            pending[:] = keep
-            if block or time.perf_counter() - last_flush > 5.0:
-                flush()
-                last_flush = time.perf_counter()
-
-        with _data_context(cfg, batch_bytes):
-            ds = ray.data.from_items(items, override_num_blocks=len(items))
-            # The memory request differs from the actors' resources on purpose: operators with equal
-            # resources are fused, and reading must run in its own tasks, overlapping the forward
-            # passes.  A retried read may re-send tiles; the driver de-duplicates by tile_id.
-            ds = ds.map_batches(read_fn, batch_size=1, batch_format="numpy", num_cpus=1,
-                                memory=READ_TASK_MEMORY_BYTES)
-            ds = ds.map_batches(
-                EmbedActor,
-                fn_constructor_kwargs=actor_kw,
-                compute=ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=concurrency),
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                num_gpus=gpus,
-                num_cpus=cpus,
-            )
-            try:
-                for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                    now = time.perf_counter()
-                    if t_first is None:
-                        t_first, tiles_at_first = now, len(out["tile_id"])
-                    t_last = now
-                    sids = np.asarray(out["slide_id"], dtype=object)
-                    errs = np.asarray(out["error"], dtype=object)
-                    for sid in pd.unique(sids):
-                        m = sids == sid
-                        if sid in failed or sid not in expected:
-                            continue
-                        bad = [e for e in errs[m] if e]
-                        if bad:
-                            failed[sid] = str(bad[0])
-                            acc.pop(sid, None)
-                            progress.failed += 1
-                            log.warning("embed: slide %s failed: %s", sid, bad[0])
-                            continue
-                        part = {k: np.asarray(out[k])[m] for k in ("tile_id", "x", "y", "embedding")}
-                        acc.setdefault(sid, []).append(part)
-                        got = seen.setdefault(sid, set())
-                        before = len(got)
-                        got.update(part["tile_id"].tolist())
-                        progress.tiles += len(got) - before
-                        if len(got) >= expected[sid]:
-                            parts = acc.pop(sid)
-                            seen.pop(sid)
-                            tid_all = np.concatenate([p["tile_id"] for p in parts])
-                            tid, first = np.unique(tid_all, return_index=True)  # sorted, de-duplicated
-                            xy = np.stack([np.concatenate([p["x"] for p in parts]),
-                                           np.concatenate([p["y"] for p in parts])], axis=1)[first]
-                            feats = np.concatenate([p["embedding"] for p in parts])[first]
-                            tiles_done += len(tid)
-                            pending.append((sid, writer.submit(
-                                write_bag_table, feature_dir, sid, tid, xy, feats, cfg.dtype, s3,
-                                {CACHE_KEY_META: entry_of[sid]["cache_key"], "model_key": ident.model_key},
-                            )))
-                    reap()
-                    progress.maybe_log()
-            except Exception as e:
-                reap(block=True)
-                writer.shutdown(wait=True)
-                raise RaypathError(
-                    f"embedding failed after {progress.done} slides ({type(e).__name__}: {e}); finished slides "
-                    "are kept: fix the cause and re-run the same command to resume"
-                ) from e
-            reap(block=True)
-            writer.shutdown(wait=True)
-            with contextlib.suppress(Exception):
-                stats = ds.stats()
-        for sid in expected:
-            if sid not in entries and sid not in failed:
-                failed[sid] = f"incomplete: {len(seen.get(sid, ()))}/{expected[sid]} tiles came back"
-        log.info(progress.line())
-        for sid, _, t, _ in todo:
-            if sid in failed:
-                rows.append({"slide_id": sid, "status": "failed", "n_tiles": int(len(t)), "error": failed[sid]})
-            else:
-                rows.append({"slide_id": sid, "status": "done", "n_tiles": int(len(t)), "error": None})
-        if t_first is not None:
-            first_output_s = t_first - t_start
-            if t_last > t_first:
-                steady = (progress.tiles - tiles_at_first) / (t_last - t_first)
+    stats = ""
+    if plan.todo:
+        t = _run_pipeline(cfg, plan, ident.spec, col)
+        stats = t["stats"]
+        log.info(col.progress.line())
+        for task in plan.todo:
+            err = col.failed.get(task.slide_id)
+            rows.append({"slide_id": task.slide_id, "status": "failed" if err else "done",
+                         "n_tiles": task.n_tiles, "error": err})
+        if t["first"] is not None:
+            first_output_s = t["first"] - t_start
+            if t["last"] > t["first"]:
+                steady = (col.progress.tiles - t["tiles_at_first"]) / (t["last"] - t["first"])
     else:
-        flush()
-    elapsed = time.perf_counter() - t_start
-    return EmbedResult(
+        col.flush()
+    res = EmbedResult(
         feature_dir, ident.model_key, pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "error"]),
-        tiles_embedded=tiles_done, elapsed_s=elapsed, stats=stats, first_output_s=first_output_s,
-        steady_tiles_per_s=steady,
+        tiles_embedded=col.tiles_done, elapsed_s=time.perf_counter() - t_start, stats=stats,
+        first_output_s=first_output_s, steady_tiles_per_s=steady,
     )
+    if cfg.variants:  # generated stain/scanner views -> <feature_dir>/variants/v<k>/
+        from raypath.embed.variants import embed_variants
+
+        res = embed_variants(cfg, ident, feature_dir, s3, res)
+        res.elapsed_s = time.perf_counter() - t_start
+    return res
 
 
 # --------------------------------------------------------------------------- CLI
