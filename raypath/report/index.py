@@ -1,0 +1,224 @@
+"""The workdir's index page (``<workdir>/report.html``).
+
+First screen: the study card (cohorts, slides, patients, events, tiles,
+the model and its weights -- with a banner when the weights are random),
+one sentence with the answer, and the leave-one-dataset-out table.  Then
+robustness with chance levels side by side, experiments, sweeps and
+adapters, a strip of QC thumbnails linking to the full images, and a link
+to every run's page.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from raypath.report import mil as M
+from raypath.report import robustness as R
+from raypath.report.folder import Folder
+from raypath.report.html import is_number, num, thumbnail_uri
+
+log = logging.getLogger(__name__)
+
+#: QC thumbnails inlined on the index (all of them stay one click away in qc/)
+QC_STRIP_MAX = 48
+KINDS = ("runs", "sweeps", "adapters")
+
+
+# --------------------------------------------------------------------------- study card
+
+
+def _tile_counts(folder: Folder):
+    try:
+        from raypath.wsi.tile_table import tile_counts
+
+        return tile_counts(folder.uri, folder.s3)
+    except Exception:  # noqa: BLE001 - no tiles yet, or an older layout
+        if folder.exists("tiling_summary.parquet"):
+            t = folder.parquet("tiling_summary.parquet", ["slide_id", "n_tiles"])
+            return t.set_index("slide_id")["n_tiles"]
+        return None
+
+
+def _cohort_rows(slides, tiles) -> list[dict[str, Any]]:
+    rows = []
+    ok = slides["status"].astype(str) == "ok" if "status" in slides.columns else slides["slide_id"].notna()
+    for cohort, g in slides.groupby(slides["cohort"].astype(str), sort=True):
+        gok = g[ok.loc[g.index]]
+        row = {"cohort": cohort, "slides": len(g), "ok": len(gok), "patients": int(gok["patient_id"].nunique())}
+        if "event" in g.columns:
+            row["events"] = int(gok["event"].fillna(0).astype(int).sum())
+        if "label" in g.columns:
+            row["labels"] = ", ".join(f"{k}: {v}" for k, v in gok["label"].astype(str).value_counts().sort_index().items())
+        if "scanner" in g.columns:
+            row["scanners"] = ", ".join(sorted(gok["scanner"].dropna().astype(str).unique()))
+        if tiles is not None:
+            row["tiles"] = int(tiles.reindex(gok["slide_id"].astype(str)).fillna(0).sum())
+        rows.append(row)
+    return rows
+
+
+def _models(folder: Folder) -> list[dict[str, Any]]:
+    out = []
+    for key in folder.subdirs("features"):
+        man = folder.json_or_none(f"features/{key}/manifest.json") or {}
+        weights = str(man.get("weights") or "?")
+        out.append({"key": key, "model": man.get("model", key), "weights": weights,
+                    "random": weights.startswith("random") or str(man.get("weights_sha256", "")).startswith("random"),
+                    "adapter": man.get("adapter"), "slides": len(man.get("slides") or [])})
+    return out
+
+
+def study_card(folder: Folder) -> dict[str, Any] | None:
+    """Counts per cohort and in total, plus the feature stores' models."""
+    if not folder.exists("slides.parquet"):
+        return None
+    slides = folder.parquet("slides.parquet")
+    tiles = _tile_counts(folder)
+    rows = _cohort_rows(slides, tiles)
+    total = {k: sum(r[k] for r in rows) for k in ("slides", "ok", "patients", "events", "tiles") if rows and k in rows[0]}
+    columns = [c for c in ("slides", "ok", "patients", "events", "tiles", "labels", "scanners") if rows and c in rows[0]]
+    return {"rows": rows, "total": total, "columns": columns, "n_cohorts": len(rows), "models": _models(folder)}
+
+
+def random_weight_banners(card: dict | None) -> list[str]:
+    if not card:
+        return []
+    return [f"Features {m['key']} come from {m['model']} with random weights ({m['weights']}): the numbers on "
+            "these pages test the pipeline, not a model." for m in card["models"] if m["random"]]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def classify(sub: Folder) -> tuple[str, dict | None]:
+    """(kind, main document) of a run/sweep/adapter folder."""
+    names = set(sub.files(max_depth=1))
+    if "comparison.json" in names:
+        return "comparison", sub.json_or_none("comparison.json")
+    if "robustness.json" in names:
+        return "robustness", sub.json_or_none("robustness.json")
+    if "experiment.json" in names:
+        return "experiment", sub.json_or_none("experiment.json")
+    if "adapter_info.json" in names or "adapter_config.json" in names:
+        return "adapter", sub.json_or_none("adapter_info.json")
+    if "sweep.json" in names or "trials.csv" in names:
+        return "sweep", sub.json_or_none("sweep.json")
+    doc = sub.json_or_none("metrics.json") if "metrics.json" in names else None
+    if M.is_mil(doc):
+        return "mil", doc
+    return ("other", doc) if names else ("empty", None)
+
+
+def headline(kind: str, doc: dict | None) -> str:
+    """One line for the run list."""
+    if not isinstance(doc, dict):
+        return "no results yet" if kind != "other" else "outputs without a headline (open the page)"
+    if kind == "mil":
+        first = M.verdict(doc).split("  ")[0]
+        return f"{doc.get('task')}, {doc.get('protocol')}: {first}"
+    if kind == "robustness":
+        return R.verdict(doc.get("headline", {}))
+    if kind == "comparison":
+        return R.comparison_verdict(doc)
+    if kind == "sweep":
+        from raypath.report.sweep import verdict
+
+        return verdict(doc, "?").replace("#? ", "")
+    if kind == "experiment":
+        mil = doc.get("mil") or {}
+        b, a = (mil.get("before") or {}).get("mean"), (mil.get("after") or {}).get("mean")
+        return f"before/after adaptation: mean held-out score {num(b)} \u2192 {num(a)}"
+    if kind == "adapter":
+        return f"{str(doc.get('method', '')).upper()} r={doc.get('rank')} on {doc.get('model')}, {doc.get('epochs')} epochs"
+    return "outputs without a headline (open the page)"
+
+
+def lodo_tables(runs: list[dict]) -> list[dict[str, Any]]:
+    return [{"run": r["name"], "href": r["href"], "rows": M.headline_rows(r["doc"]), "verdict": M.verdict(r["doc"]),
+             "metric_label": M.metric_label(r["doc"]["summary"].get("metric", "c_index")), "task": r["doc"].get("task")}
+            for r in runs if r["kind"] == "mil" and r["doc"].get("protocol") == "lodo"]
+
+
+def robustness_tables(runs: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for r in runs:
+        if r["kind"] == "robustness":
+            out.append({"run": r["name"], "href": r["href"], "verdict": R.verdict(r["doc"].get("headline", {})),
+                        "rows": R.metric_rows(r["doc"], R.SHORT)})
+    return out
+
+
+def qc_strip(folder: Folder, limit: int = QC_STRIP_MAX) -> dict[str, Any]:
+    """Thumbnails of ``qc/*.png`` (failed slides marked), each linking to the full image."""
+    names = [f"qc/{f}" for f in folder.sub("qc").files(max_depth=1) if f.endswith(".png")] if folder.exists("qc") else []
+    failed: set[str] = set()
+    if folder.exists("tiling_summary.parquet"):
+        t = folder.parquet("tiling_summary.parquet", ["slide_id", "status"])
+        failed = set(t.loc[t["status"].astype(str) != "ok", "slide_id"].astype(str))
+    items = []
+    for rel in sorted(names, key=lambda n: (n.rsplit("/", 1)[-1][:-4] not in failed, n))[:limit]:
+        sid = rel.rsplit("/", 1)[-1][:-4]
+        try:
+            items.append({"href": rel, "src": thumbnail_uri(folder.read(rel)), "slide": sid, "failed": sid in failed})
+        except Exception as e:  # noqa: BLE001 - one unreadable PNG must not break the index
+            log.info("QC thumbnail %s skipped: %s", rel, e)
+    return {"items": items, "n": len(names), "n_failed": len(failed)}
+
+
+def collect_runs(folder: Folder, linked: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every run, sweep and adapter folder with its kind, headline and page link."""
+    runs = []
+    for kind_dir in KINDS:
+        for name in folder.subdirs(kind_dir):
+            sub = folder.sub(f"{kind_dir}/{name}")
+            try:
+                kind, doc = classify(sub)
+                line = headline(kind, doc)
+            except Exception as e:  # noqa: BLE001 - a broken run never breaks the index
+                kind, doc, line = "unreadable", None, f"unreadable: {type(e).__name__}: {e}"
+            rel = f"{kind_dir}/{name}"
+            has_page = (linked is not None and rel in linked) or sub.exists("report.html")
+            runs.append({"name": name, "dir": kind_dir, "kind": kind, "doc": doc, "headline": line,
+                         "href": f"{rel}/report.html" if has_page else None})
+    return runs
+
+
+def answer(card: dict | None, lodo: list[dict], robust: list[dict]) -> str:
+    """The index's one-sentence answer: the LODO headline and the site signal."""
+    parts = []
+    if lodo:
+        parts.append(lodo[0]["verdict"].split("  ")[0])
+    if robust:
+        parts.append(robust[0]["verdict"])
+    if not parts:
+        if card:
+            return (f"{card['total'].get('ok', 0)} slides of {card['n_cohorts']} cohorts are ingested; "
+                    "no evaluated run yet (run `raypath mil` or `raypath robustness`).")
+        return "No results yet: run a stage (e.g. `raypath ingest`, then `raypath tile`) first."
+    return "  ".join(parts)
+
+
+def context(folder: Folder, linked: set[str] | None = None) -> dict[str, Any]:
+    card = study_card(folder)
+    runs = collect_runs(folder, linked)
+    lodo = lodo_tables(runs)
+    robust = robustness_tables(runs)
+    internal = [{"run": r["name"], "href": r["href"], "verdict": M.verdict(r["doc"])}
+                for r in runs if r["kind"] == "mil" and r["doc"].get("protocol") != "lodo"]
+    files = set(folder.files(max_depth=1))
+    project = [f for f in ("cohort.csv", "slides.parquet", "tiles.parquet", "tiling_summary.parquet")
+               if f in files or folder.exists(f)]
+    return {
+        "title": f"raypath study: {folder.name}",
+        "subtitle": folder.uri,
+        "banners": random_weight_banners(card),
+        "card": card,
+        "verdict": answer(card, lodo, robust),
+        "lodo": lodo,
+        "internal": internal,
+        "robust": robust,
+        "runs": runs,
+        "qc": qc_strip(folder),
+        "project_files": project,
+    }

@@ -1,0 +1,159 @@
+"""The page of a MIL run (``runs/<run>/metrics.json`` written by ``raypath mil``).
+
+It opens with one sentence and the headline table (per held-out cohort:
+external and internal score, mean +- sd over repeats, 95% CI, slides and
+events), then the curves and Kaplan-Meier plots, then every fold; the raw
+JSON and the config come last, folded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raypath.evaluation.meanings import METRICS
+from raypath.report.folder import Folder
+from raypath.report.html import is_number, num
+
+PROTOCOLS = {
+    "lodo": "leave-one-dataset-out (train on the other cohorts, test on the held-out one)",
+    "internal": "cross-validation grouped by patient",
+    "pairwise": "train on one cohort, test on each other cohort",
+}
+
+FOLD_COLUMNS = ["name", "repeat", "fold", "set", "cohort", "n", "n_events"]
+
+
+def is_mil(doc: Any) -> bool:
+    return isinstance(doc, dict) and "protocol" in doc and isinstance(doc.get("summary"), dict)
+
+
+def metric_label(metric: str) -> str:
+    m = METRICS.get(metric)
+    return m.label if m else metric
+
+
+def _counts(folds: list[dict]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(name, set, cohort) -> slides and events evaluated in one repeat (summed over folds)."""
+    if not folds:
+        return {}
+    first = min((r.get("repeat", 0) for r in folds), default=0)
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in folds:
+        if r.get("repeat", 0) != first:
+            continue
+        key = (str(r.get("name")), str(r.get("set")), str(r.get("cohort")))
+        c = out.setdefault(key, {"n": 0, "n_events": None})
+        c["n"] += int(r.get("n") or 0)
+        if is_number(r.get("n_events")):
+            c["n_events"] = (c["n_events"] or 0) + int(r["n_events"])
+    return out
+
+
+def _n_text(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "\u2013"
+    return f"{c['n']} / {c['n_events']}" if c.get("n_events") is not None else str(c["n"])
+
+
+def _row(label: str, stat: dict | None, count: dict | None, **extra: Any) -> dict[str, Any]:
+    return {"label": label, "stat": stat or {}, "n": _n_text(count), **extra}
+
+
+def headline_rows(doc: dict) -> list[dict[str, Any]]:
+    """The headline table of any protocol: one row per evaluated group."""
+    s = doc["summary"]
+    metric = s.get("metric", "c_index")
+    groups = s.get("groups", {})
+    counts = _counts(doc.get("folds") or [])
+    rows = []
+    if doc["protocol"] == "internal":
+        sets = groups.get("internal", {}).get("internal", {})
+        for cohort in ["all"] + sorted(c for c in sets if c != "all"):
+            label = "all cohorts (pooled folds)" if cohort == "all" else cohort
+            rows.append(_row(label, sets.get(cohort, {}).get(metric), counts.get(("internal", "internal", cohort))))
+        return rows
+    for name in sorted(groups):
+        ext = groups[name].get("external", {})
+        internal = groups[name].get("internal", {}).get("all", {}).get(metric)
+        for cohort in sorted(ext):
+            label = cohort if doc["protocol"] == "lodo" else f"{name} \u2192 {cohort}"
+            rows.append(_row(label, ext[cohort].get(metric), counts.get((name, "external", cohort)),
+                             internal=internal or {}, n_internal=_n_text(counts.get((name, "internal", "all")))))
+    return rows
+
+
+def verdict(doc: dict) -> str:
+    s = doc["summary"]
+    label = metric_label(s.get("metric", "c_index"))
+    repeats = len({r.get("repeat") for r in doc.get("folds") or []}) or 1
+    rep = f"{repeats} repeat{'s' if repeats != 1 else ''}"
+    if doc["protocol"] == "internal":
+        cv = s.get("internal") or {}
+        if not is_number(cv.get("mean")):
+            return f"No fold could be scored ({label} needs events and comparable pairs in every fold)."
+        return (f"Cross-validated {label} {num(cv['mean'])} \u00b1 {num(cv.get('sd'))} over {cv.get('n')} "
+                f"fold fits ({rep}); patients never straddle folds.  0.5 = random ordering.")
+    if not is_number(s.get("mean")):
+        return f"No held-out cohort could be scored ({label} needs events and comparable pairs)."
+    where = "cohorts never seen in training" if doc["protocol"] == "lodo" else "cohorts other than the training one"
+    text = (f"On {where}, {label} is {num(s['mean'])} on average; the worst is "
+            f"{s.get('worst_cohort', '?')} at {num(s.get('worst'))} ({rep}).")
+    internal = [v.get("mean") for v in (s.get("internal") or {}).values() if isinstance(v, dict)]
+    internal = [v for v in internal if is_number(v)]
+    if internal:
+        text += (f"  On held-out patients of the training cohorts (internal): "
+                 f"{num(sum(internal) / len(internal))} on average.")
+    return text + "  0.5 = random ordering."
+
+
+def secondary_rows(doc: dict) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every other metric per (group, set, cohort): mean +- sd."""
+    s = doc["summary"]
+    primary = s.get("metric", "c_index")
+    metrics: list[str] = []
+    rows = []
+    for name, sets in sorted(s.get("groups", {}).items()):
+        for set_name, cohorts in sets.items():
+            for cohort, ms in sorted(cohorts.items()):
+                for m in ms:
+                    if m != primary and m not in metrics:
+                        metrics.append(m)
+                rows.append({"group": name, "set": set_name, "cohort": cohort, "stats": ms})
+    return metrics, rows
+
+
+def fold_columns(folds: list[dict]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in folds for k in r))
+    return [c for c in FOLD_COLUMNS if c in keys] + [k for k in keys if k not in FOLD_COLUMNS and k != "protocol"]
+
+
+PLOT_CAPTIONS = {
+    "curves.png": "Score per epoch, mean \u00b1 sd over repeats: internal = held-out patients of the training "
+                  "cohorts, external = the held-out cohort. Dashed line: 0.5, random ordering.",
+    "km.png": "Kaplan-Meier curves of the predicted high- and low-risk halves of each held-out set "
+              "(median split within each fold), log-rank p-value; + marks censored patients.",
+}
+
+
+def context(folder: Folder, doc: dict, settings: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``mil.html.j2`` shows."""
+    metric = doc["summary"].get("metric", "c_index")
+    folds = doc.get("folds") or []
+    secondary, sec_rows = secondary_rows(doc)
+    protocol = doc.get("protocol", "")
+    return {
+        "title": f"MIL run {folder.name}",
+        "subtitle": (f"{str(doc.get('model', '')).upper()} {doc.get('task', '')} ({doc.get('loss', '')} loss), "
+                     f"{PROTOCOLS.get(protocol, protocol)}; {doc.get('n_slides', '?')} slides"),
+        "verdict": verdict(doc),
+        "metric": metric,
+        "metric_label": metric_label(metric),
+        "protocol": protocol,
+        "task": doc.get("task"),
+        "rows": headline_rows(doc),
+        "secondary": secondary,
+        "secondary_rows": sec_rows,
+        "folds": folds,
+        "fold_columns": fold_columns(folds),
+        "settings": settings,
+    }
