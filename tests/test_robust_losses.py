@@ -3,7 +3,9 @@ loss, pair-aware batches and splits, consistency metrics."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -277,3 +279,75 @@ def test_run_protocol_scores_twins_and_generated_views():
     ext2 = out2.fold_metrics[out2.fold_metrics["set"] == "external"]
     assert (ext2["n_pairs"] == 3 * ext2["n"]).all()  # 3 view pairs per slide
     assert {"disagreement", "kappa", "prob_diff"} <= set(out2.fold_metrics.columns)
+
+
+# --------------------------------------------------------------------------- generated views (embed --variants)
+
+
+def test_one_stain_scanner_draw_per_slide_and_view():
+    from raypath.embed.variants import VariantSpec, apply_variant, draw
+
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    batch = np.stack([tile, tile, tile, tile])
+    sids = np.array(["a", "a", "b", "b"], dtype=object)
+    spec = VariantSpec(1, 0.6, seed=0)
+    out = apply_variant(batch, sids, spec)
+    assert out.dtype == np.uint8 and out.shape == batch.shape
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[2], out[3])  # one draw for all tiles of a slide
+    assert not np.array_equal(out[0], out[2])  # another slide, another draw
+    assert not np.array_equal(out[0], tile)
+    assert np.array_equal(out, apply_variant(batch, sids, spec))  # seeded
+    assert not np.array_equal(out[0], apply_variant(batch, sids, VariantSpec(2, 0.6))[0])  # another view
+    # a tile's view does not depend on its batch-mates
+    alone = apply_variant(batch[2:3], sids[2:3], spec)
+    assert np.array_equal(alone[0], out[2])
+    assert draw(spec, "a").keys() >= {"hed", "color", "white_balance", "gamma", "blur", "jpeg"}
+
+
+def test_embed_writes_generated_views_with_their_identity(tmp_path, ray_session):
+    from embed_helpers import grid_tiles, write_slide
+    from raypath.embed.api import EmbedConfig, TileEmbedder, embed
+    from raypath.embed.store import FeatureStore
+    from raypath.embed.variants import VariantSpec, apply_draw, draw
+    from raypath.mil.data import load_generated_views
+    from raypath.wsi.reader import read_tiles
+
+    (tmp_path / "slides").mkdir()
+    slides, tiles = [], []
+    for i in range(2):
+        p = write_slide(tmp_path / "slides" / f"s{i}.svs", 500, 460, seed=i)
+        slides.append((f"s{i}", str(p), f"fp-s{i}"))
+        tiles.append(grid_tiles(f"s{i}", 500, 460))
+    pd.DataFrame(slides, columns=["slide_id", "uri", "fingerprint"]).assign(status="ok", error=None).to_parquet(
+        tmp_path / "slides.parquet")
+    tdf = pd.concat(tiles, ignore_index=True)
+    tdf.to_parquet(tmp_path / "tiles.parquet")
+    cfg = EmbedConfig(workdir=str(tmp_path), model="tiny-vit", variants=2, variant_strength=0.5, batch_size=8)
+    res = embed(cfg)
+    assert set(res.slides["status"]) == {"done"} and len(res.slides) == 6
+    fdir = Path(res.feature_dir)
+    orig, v1, v2 = (FeatureStore(str(d)) for d in (fdir, fdir / "variants" / "v1", fdir / "variants" / "v2"))
+    assert orig.slide_ids() == v1.slide_ids() == v2.slide_ids() == ["s0", "s1"]
+    m1 = json.loads((fdir / "variants" / "v1" / "manifest.json").read_text())
+    assert m1["variant"]["variant"] == 1 and m1["variant"]["strength"] == 0.5
+    assert m1["slides"]["s0"]["cache_key"] != json.loads((fdir / "manifest.json").read_text())["slides"]["s0"]["cache_key"]
+    a, b, c = orig.load_bag("s0"), v1.load_bag("s0"), v2.load_bag("s0")
+    assert np.array_equal(a.tile_ids, b.tile_ids) and np.array_equal(a.coords, c.coords)
+    assert not np.allclose(a.features, b.features) and not np.allclose(b.features, c.features)
+    # view 1 = the original tiles under the slide's one draw, through the same embedder
+    emb = TileEmbedder("tiny-vit", None, None, 8, device="cpu", num_threads=1)
+    d = draw(VariantSpec(1, 0.5, 0), "s0")
+    t0 = tdf[tdf.slide_id == "s0"]
+    want = {}
+    for tid, imgs in read_tiles(slides[0][1], t0, batch_tiles=8):
+        want.update(zip(tid.tolist(), emb.embed(apply_draw(imgs, d)).astype(np.float32)))
+    ref = np.stack([want[t] for t in b.tile_ids.tolist()])
+    assert np.allclose(b.features, ref, atol=2e-2)
+    # re-run: up to date; another strength: only the views are re-embedded
+    again = embed(cfg)
+    assert set(again.slides["status"]) == {"skipped"}
+    other = embed(cfg.model_copy(update={"variant_strength": 0.2, "variants": 1, "slide_ids": ["s0"]}))
+    assert dict(zip(other.slides.slide_id, other.slides.status)) == {"s0": "skipped", "s0@v1": "done"}
+    bags, k = load_generated_views(str(fdir), ["s0", "s1"])
+    assert k == 2 and set(bags) == {"s0", "s1", "s0@v1", "s1@v1", "s0@v2", "s1@v2"}
