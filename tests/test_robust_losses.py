@@ -351,3 +351,22 @@ def test_embed_writes_generated_views_with_their_identity(tmp_path, ray_session)
     assert dict(zip(other.slides.slide_id, other.slides.status)) == {"s0": "skipped", "s0@v1": "done"}
     bags, k = load_generated_views(str(fdir), ["s0", "s1"])
     assert k == 2 and set(bags) == {"s0", "s1", "s0@v1", "s1@v1", "s0@v2", "s1@v2"}
+
+
+def test_sweep_objectives_include_inconsistency():
+    from types import SimpleNamespace
+
+    from raypath.sweep.objective import aggregate, fold_consistency_score
+    from raypath.sweep.space import OBJECTIVE_METRICS
+
+    assert OBJECTIVE_METRICS["mean_inconsistency"] == "min" and OBJECTIVE_METRICS["mean_flip_rate"] == "min"
+    out = SimpleNamespace(summary={"consistency": {"per_cohort": {"A": {"rel_risk_diff": 0.4, "flip_rate": 0.2,
+                                                                       "n_pairs": 7.0}}}})
+    assert fold_consistency_score(out, "A") == {"mean_inconsistency": 0.4, "mean_flip_rate": 0.2, "n_pairs": 7.0}
+    assert fold_consistency_score(SimpleNamespace(summary={}), "A") == {}
+    folds = [{"held_out": "A", "external": 0.7, "internal": 0.8, "time_s": 1.0, "mean_inconsistency": 0.4,
+              "mean_flip_rate": 0.2},
+             {"held_out": "B", "external": 0.6, "internal": 0.7, "time_s": 1.0, "mean_inconsistency": 0.2,
+              "mean_flip_rate": 0.1}]
+    agg = aggregate(folds, 2)
+    assert agg["mean_inconsistency"] == pytest.approx(0.3) and agg["mean_flip_rate"] == pytest.approx(0.15)

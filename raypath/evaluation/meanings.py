@@ -64,6 +64,26 @@ METRICS: dict[str, Meaning] = {
     "worst_external": Meaning("worst external", "the worst held-out cohort's C-index / AUROC", "higher"),
     "mean_internal": Meaning("mean internal", "inner selection set (training cohorts), mean over folds", "higher"),
     "site_probe_bacc": Meaning("site probe", "site-probe balanced accuracy on training cohorts' tiles", "lower"),
+    "mean_inconsistency": Meaning("mean inconsistency", "mean over folds of the held-out tissues' prediction "
+                                  "difference between technical variants (rel_risk_diff / prob_diff)", "lower"),
+    "mean_flip_rate": Meaning("mean flip rate", "mean over folds of the share of held-out variant pairs whose "
+                              "risk group / predicted class differs", "lower"),
+    # prediction consistency between technical variants of one tissue (raypath.evaluation.consistency)
+    "rel_risk_diff": Meaning("relative risk difference", "mean |risk_a - risk_b| over variant pairs, in sd of "
+                             "the model's training risks", "lower"),
+    "abs_risk_diff": Meaning("absolute risk difference", "mean |risk_a - risk_b| over variant pairs "
+                             "(model units: compare within one model only)", "lower"),
+    "flip_rate": Meaning("risk-group flip rate", "share of variant pairs on two sides of the training "
+                         "median risk", "lower"),
+    "group_kappa": Meaning("risk-group kappa", "Cohen's kappa of the two variants' risk groups", "higher"),
+    "prob_diff": Meaning("probability difference", "mean total-variation distance of the two variants' "
+                         "class probabilities", "lower"),
+    "disagreement": Meaning("classification disagreement", "share of variant pairs with another "
+                            "predicted class", "lower"),
+    "kappa": Meaning("Cohen's kappa", "agreement of the two variants' predicted classes beyond chance", "higher"),
+    "n_pairs": Meaning("variant pairs scored", "pairs of technical variants of one tissue scored by the model", None),
+    "n_twins": Meaning("twins scored", "lodo: held-out tissues' twins from training cohorts, excluded from "
+                       "training and scored with the fold's model", None),
 }
 
 

@@ -190,6 +190,21 @@ def select_fold_score(out, held_out: str, inner_selection: str) -> dict:
     return {"external": float(np.mean(ext)), "internal": float(np.mean(intl)), "epoch": epochs}
 
 
+def fold_consistency_score(out, held_out: str) -> dict:
+    """The held-out tissues' prediction inconsistency between technical variants
+    (last epoch; empty when the cohort has no variants): ``rel_risk_diff`` /
+    ``flip_rate`` for survival, ``prob_diff`` / ``disagreement`` for classification."""
+    per = (out.summary.get("consistency") or {}).get("per_cohort", {}).get(held_out)
+    if not per:
+        return {}
+    survival = "rel_risk_diff" in per
+    return {
+        "mean_inconsistency": _f(per.get("rel_risk_diff" if survival else "prob_diff")),
+        "mean_flip_rate": _f(per.get("flip_rate" if survival else "disagreement")),
+        "n_pairs": _f(per.get("n_pairs")),
+    }
+
+
 def _f(v) -> float:
     return math.nan if v is None else float(v)
 
@@ -237,6 +252,7 @@ def run_fold(
     ray_dir = join(ctx.sweep_dir, "trials", tag, f"mil-{c}")
     out = stages.mil(settings["mil"], feature_dir, ctx.clinical, plan, ray_dir)
     res.update(select_fold_score(out, c, ctx.space.inner_selection))
+    res.update(fold_consistency_score(out, c))
     if ctx.space.robustness_enabled:
         res.update(stages.robustness(feature_dir, ctx.clinical, plan, ctx.space))
     res["time_s"] = time.perf_counter() - t0
@@ -257,7 +273,7 @@ def aggregate(folds: list[dict], n_folds: int) -> dict:
         "mean_internal": float(np.nanmean(intl)) if np.isfinite(intl).any() else math.nan,
         "time_s": float(sum(f["time_s"] for f in folds)),
     }
-    for key in ("site_probe_bacc", "kmeans_purity"):
+    for key in ("site_probe_bacc", "kmeans_purity", "mean_inconsistency", "mean_flip_rate"):
         vals = [f[key] for f in folds if key in f]
         if vals:
             out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan

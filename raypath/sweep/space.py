@@ -42,7 +42,8 @@ STAGES = ("adapt", "embed", "mil")
 #: Metrics a trial reports that can be objectives, with the direction that is
 #: better (from the one table of metric meanings).
 OBJECTIVE_METRICS = {
-    k: METRICS[k].mode for k in ("mean_external", "worst_external", "mean_internal", "site_probe_bacc", "kmeans_purity")
+    k: METRICS[k].mode for k in ("mean_external", "worst_external", "mean_internal", "site_probe_bacc", "kmeans_purity",
+                                 "mean_inconsistency", "mean_flip_rate")  # last two: MIL on technical variants
 }
 
 #: Separator that turns a list choice (e.g. target modules) into an Optuna label.
