@@ -56,7 +56,7 @@ EXPECTED_KIND = {
     "nompp": "no_mpp:",
     "grey": "unsupported_layout:",
     "codec": "unsupported_compression:",
-    "corrupt": "unreadable:",
+    "corrupt": "corrupt_tile_data:",
 }
 
 
