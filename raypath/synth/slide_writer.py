@@ -154,29 +154,13 @@ def write_svs(
     # lower levels are built while level 0 streams; 4 divides the strip height
     # (4x is always kept: the thumbnail is made from it on slides too small for lower levels)
     lower = {d: np.empty((h_pad // d, w_pad // d, 3), np.uint8) for d in {4, *(d for d, _, _ in levels[1:])}}
-
-    def level0_tiles() -> Iterator[np.ndarray]:
-        it = iter(strips)
-        for s in range(n_strips):
-            strip = next(it)
-            if strip.shape != (t, w_pad, 3) or strip.dtype != np.uint8:
-                raise ValueError(f"strip {s}: expected {(t, w_pad, 3)} uint8, got {strip.shape} {strip.dtype}")
-            prev, prev_d = strip, 1
-            for d in sorted(lower):
-                step = d // prev_d
-                small = _block_mean(prev, step)
-                rows = t // d
-                lower[d][s * rows : (s + 1) * rows] = small
-                prev, prev_d = small, d
-            for x in range(0, w_pad, t):
-                yield strip[:, x : x + t]
-
+    tiles = _level0_tiles(strips, n_strips, t, w_pad, lower)
     jpeg = dict(compression="jpeg", compressionargs={"level": int(geom.jpeg_quality)})
     common = dict(photometric="rgb", metadata=None, software=False)
     res = 1e4 / geom.mpp  # pixels per centimetre
     with tifffile.TiffWriter(path, bigtiff=(geom.width_px * geom.height_px * 3 > 3.5e9)) as tw:
         tw.write(
-            level0_tiles(),
+            tiles,
             shape=(geom.height_px, geom.width_px, 3),
             dtype=np.uint8,
             tile=(t, t),
@@ -187,51 +171,84 @@ def write_svs(
             **jpeg,
             **common,
         )
-        # like Aperio: at most thumbnail_px, and never more than a quarter of level 0
-        scale = min(thumbnail_px / max(geom.width_px, geom.height_px), 0.25)
-        tw_px = (max(int(round(geom.width_px * scale)), 1), max(int(round(geom.height_px * scale)), 1))
-        # the smallest accumulated level that is still at least as big as the thumbnail
         crops = {d: lower[d][: geom.height_px // d, : geom.width_px // d] for d in lower}
-        src_d = max(d for d in crops if crops[d].shape[1] >= tw_px[0] or d == 4)
-        base = crops[src_d]
-        thumb = _resize(base, tw_px)
-        tw.write(
-            thumb,
-            description=f"{APERIO_VERSION}\r\n{geom.width_px}x{geom.height_px} -> {tw_px[0]}x{tw_px[1]} - |AppMag = {geom.objective}|MPP = {geom.mpp:g}",
-            subfiletype=0,
-            rowsperstrip=16,
-            **jpeg,
-            **common,
-        )
-        for d, w, h in levels[1:]:
-            tw.write(
-                crops[d],
-                tile=(t, t),
-                description=f"{APERIO_VERSION}\r\n{geom.width_px}x{geom.height_px} -> {w}x{h} - |AppMag = {geom.objective}|MPP = {geom.mpp * d:g}",
-                subfiletype=0,
-                **jpeg,
-                **common,
-            )
-        if label is None:
-            label = np.full((463, 387, 3), 255, np.uint8)
-        tw.write(
-            label,
-            description=f"{APERIO_VERSION}\r\nlabel {label.shape[1]}x{label.shape[0]}",
-            subfiletype=1,
-            compression="lzw",
-            rowsperstrip=16,
-            **common,
-        )
-        macro = _macro_image(thumb, label, macro_px)
-        tw.write(
-            macro,
-            description=f"{APERIO_VERSION}\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
-            subfiletype=9,
-            rowsperstrip=16,
-            **jpeg,
-            **common,
-        )
+        thumb = _write_reduced_pages(tw, geom, crops, thumbnail_px, jpeg, common)
+        _write_label_and_macro(tw, thumb, label, macro_px, jpeg, common)
     return {"bytes": os.path.getsize(path), "levels": levels}
+
+
+def _level0_tiles(strips: Iterable[np.ndarray], n_strips: int, t: int, w_pad: int,
+                  lower: dict[int, np.ndarray]) -> Iterator[np.ndarray]:
+    """Level-0 tiles in TIFF order from row strips; fills the lower levels
+    (block means, 4 divides the strip height) while level 0 streams."""
+    it = iter(strips)
+    for s in range(n_strips):
+        strip = next(it)
+        if strip.shape != (t, w_pad, 3) or strip.dtype != np.uint8:
+            raise ValueError(f"strip {s}: expected {(t, w_pad, 3)} uint8, got {strip.shape} {strip.dtype}")
+        prev, prev_d = strip, 1
+        for d in sorted(lower):
+            step = d // prev_d
+            small = _block_mean(prev, step)
+            rows = t // d
+            lower[d][s * rows : (s + 1) * rows] = small
+            prev, prev_d = small, d
+        for x in range(0, w_pad, t):
+            yield strip[:, x : x + t]
+
+
+def _write_reduced_pages(tw, geom: SlideGeometry, crops: dict[int, np.ndarray], thumbnail_px: int,
+                         jpeg: dict, common: dict) -> np.ndarray:
+    """The thumbnail page and the lower pyramid levels; returns the thumbnail."""
+    t = geom.tile_px
+    # like Aperio: at most thumbnail_px, and never more than a quarter of level 0
+    scale = min(thumbnail_px / max(geom.width_px, geom.height_px), 0.25)
+    tw_px = (max(int(round(geom.width_px * scale)), 1), max(int(round(geom.height_px * scale)), 1))
+    # the smallest accumulated level that is still at least as big as the thumbnail
+    src_d = max(d for d in crops if crops[d].shape[1] >= tw_px[0] or d == 4)
+    thumb = _resize(crops[src_d], tw_px)
+    tw.write(
+        thumb,
+        description=f"{APERIO_VERSION}\r\n{geom.width_px}x{geom.height_px} -> {tw_px[0]}x{tw_px[1]} - |AppMag = {geom.objective}|MPP = {geom.mpp:g}",
+        subfiletype=0,
+        rowsperstrip=16,
+        **jpeg,
+        **common,
+    )
+    for d, w, h in geom.levels[1:]:
+        tw.write(
+            crops[d],
+            tile=(t, t),
+            description=f"{APERIO_VERSION}\r\n{geom.width_px}x{geom.height_px} -> {w}x{h} - |AppMag = {geom.objective}|MPP = {geom.mpp * d:g}",
+            subfiletype=0,
+            **jpeg,
+            **common,
+        )
+    return thumb
+
+
+def _write_label_and_macro(tw, thumb: np.ndarray, label: np.ndarray | None, macro_px: int,
+                           jpeg: dict, common: dict) -> None:
+    """The label (LZW) and macro (JPEG) associated images, as Aperio writes them."""
+    if label is None:
+        label = np.full((463, 387, 3), 255, np.uint8)
+    tw.write(
+        label,
+        description=f"{APERIO_VERSION}\r\nlabel {label.shape[1]}x{label.shape[0]}",
+        subfiletype=1,
+        compression="lzw",
+        rowsperstrip=16,
+        **common,
+    )
+    macro = _macro_image(thumb, label, macro_px)
+    tw.write(
+        macro,
+        description=f"{APERIO_VERSION}\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
+        subfiletype=9,
+        rowsperstrip=16,
+        **jpeg,
+        **common,
+    )
 
 
 def _macro_image(thumb: np.ndarray, label: np.ndarray, macro_px: int) -> np.ndarray:

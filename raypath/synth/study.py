@@ -274,7 +274,17 @@ def plan_study(cfg: SynthConfig) -> pd.DataFrame:
             f"under another site, but n_cohorts={cfg.n_cohorts}: raise --n-cohorts or set --pair-fraction 0"
         )
     sites = make_sites(cfg)
-    height_px = cfg.slide_height_px or cfg.slide_px
+    rows, patients = _slots(cfg)
+    pheno_of = _phenotypes(cfg, patients)
+    table = _slide_rows(cfg, rows, pheno_of, sites)
+    if cfg.pair_fraction > 0:
+        _add_technical_variants(cfg, table, sites)
+    df = pd.DataFrame(table)
+    return df
+
+
+def _slots(cfg: SynthConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Slide slots and patients per cohort (grades drawn to the cohort's prevalence)."""
     rows: list[dict[str, Any]] = []
     patients: list[dict[str, Any]] = []
     for c in range(cfg.n_cohorts):
@@ -293,6 +303,11 @@ def plan_study(cfg: SynthConfig) -> pd.DataFrame:
             patients.append({"cohort": c, "p": n_pat + b, "grade": 0, "rng": prng})
             rows.append({"c": c, "p": n_pat + b, "block": 0, "i": n + b, "blank": True})
 
+    return rows, patients
+
+
+def _phenotypes(cfg: SynthConfig, patients: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per patient: phenotype from the grade, risk and survival."""
     # phenotypes per patient
     pheno_of: dict[tuple[int, int], dict[str, float]] = {}
     for pat in patients:
@@ -313,6 +328,12 @@ def plan_study(cfg: SynthConfig) -> pd.DataFrame:
     for j, q in enumerate(keys):
         pheno_of[q].update(risk=float(risk[j]), time=float(t_obs[j]), event=int(event[j]), t_event=float(t_event[j]))
 
+    return pheno_of
+
+
+def _slide_rows(cfg: SynthConfig, rows: list[dict[str, Any]], pheno_of: dict, sites: list[dict]) -> list[dict[str, Any]]:
+    """One cohort-table row per slide (truth and private render columns included)."""
+    height_px = cfg.slide_height_px or cfg.slide_px
     # pen marks on an exact number of tissues (not blanks)
     srng = _rng(cfg.seed, _STUDY)
     tissue_rows = [r for r in rows if not r["blank"]]
@@ -363,40 +384,41 @@ def plan_study(cfg: SynthConfig) -> pd.DataFrame:
             }
         )
 
-    # technical variants: the same tissue under another site's effects
-    if cfg.pair_fraction > 0:
-        prng = _rng(cfg.seed, _PAIR)
-        n_var = {c: 0 for c in range(cfg.n_cohorts)}
-        pair_no = 0
-        originals = list(table)
-        for c in range(cfg.n_cohorts):
-            mine = [t for t in originals if t["_site"] == c and not t["true_blank"]]
-            k = int(round(cfg.pair_fraction * len(mine)))
-            for idx in sorted(prng.permutation(len(mine))[:k].tolist()):
-                orig = mine[idx]
-                dest = int((c + 1 + prng.integers(cfg.n_cohorts - 1)) % cfg.n_cohorts)
-                site = sites[dest]
-                pid = f"pair{pair_no:03d}"
-                pair_no += 1
-                orig["pair_id"] = pid
-                vid = f"c{dest}_v{n_var[dest]:03d}"
-                n_var[dest] += 1
-                var = dict(orig)
-                var.update(
-                    slide_id=vid,
-                    uri=f"slides/{vid}.svs",
-                    cohort=site["cohort"],
-                    scanner=site["scanner"],
-                    pair_id=pid,
-                    true_variant_of=orig["slide_id"],
-                    true_objective=site["objective"],
-                    true_mpp=site["mpp"],
-                    _site=dest,
-                    _slide_index=len(table),
-                )
-                table.append(var)
-    df = pd.DataFrame(table)
-    return df
+    return table
+
+
+def _add_technical_variants(cfg: SynthConfig, table: list[dict[str, Any]], sites: list[dict]) -> None:
+    """Technical variants: the same tissue re-rendered under another site's effects."""
+    prng = _rng(cfg.seed, _PAIR)
+    n_var = {c: 0 for c in range(cfg.n_cohorts)}
+    pair_no = 0
+    originals = list(table)
+    for c in range(cfg.n_cohorts):
+        mine = [t for t in originals if t["_site"] == c and not t["true_blank"]]
+        k = int(round(cfg.pair_fraction * len(mine)))
+        for idx in sorted(prng.permutation(len(mine))[:k].tolist()):
+            orig = mine[idx]
+            dest = int((c + 1 + prng.integers(cfg.n_cohorts - 1)) % cfg.n_cohorts)
+            site = sites[dest]
+            pid = f"pair{pair_no:03d}"
+            pair_no += 1
+            orig["pair_id"] = pid
+            vid = f"c{dest}_v{n_var[dest]:03d}"
+            n_var[dest] += 1
+            var = dict(orig)
+            var.update(
+                slide_id=vid,
+                uri=f"slides/{vid}.svs",
+                cohort=site["cohort"],
+                scanner=site["scanner"],
+                pair_id=pid,
+                true_variant_of=orig["slide_id"],
+                true_objective=site["objective"],
+                true_mpp=site["mpp"],
+                _site=dest,
+                _slide_index=len(table),
+            )
+            table.append(var)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -531,13 +553,16 @@ def synthesize(cfg: SynthConfig) -> pd.DataFrame:
             (os.path.join(local_root, row["uri"]), row, sites[row["_site"]], cfg.seed, cfg.tile_px_stored)
             for row in plan.to_dict("records")
         ]
-        if cfg.workers > 1 and len(jobs) > 1:
-            import multiprocessing as mp
+        from raypath.io.progress import Progress
 
-            with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-                results = list(pool.map(_render_one, jobs))
-        else:
-            results = [_render_one(j) for j in jobs]
+        with Progress("synth", len(jobs), "slides") as progress:
+            if cfg.workers > 1 and len(jobs) > 1:
+                import multiprocessing as mp
+
+                with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+                    results = list(progress.track(pool.map(_render_one, jobs)))
+            else:
+                results = list(progress.track(_render_one(j) for j in jobs))
         for r in results:
             log.debug("wrote %s (%d bytes, %.2f s)", r["slide_id"], r["bytes"], r["render_s"])
         table = plan[[c for c in plan.columns if not c.startswith("_")]].copy()
@@ -583,6 +608,10 @@ def summary(table: pd.DataFrame) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    if getattr(args, "kind", "cohort") == "mitosis":  # the mitotic-figure benchmark (raypath.synth.mitosis)
+        from raypath.synth.mitosis import run_cli
+
+        return run_cli(args)
     try:
         cfg = config_from_args(SynthConfig, args)
     except ValidationError as e:
@@ -606,4 +635,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_config_arguments(p, SynthConfig)
+    from raypath.synth.mitosis import add_mitosis_arguments
+
+    p.add_argument("--kind", choices=["cohort", "mitosis"], default="cohort",
+                   help="cohort: the multi-cohort study above; mitosis: the mitotic-figure benchmark "
+                        "(cells annotated as mitotic figures or imposters, docs/patch.md)")
+    add_mitosis_arguments(p)
     p.set_defaults(func=_run_cli)

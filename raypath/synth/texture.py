@@ -413,6 +413,22 @@ def make_layout(
     pen
         Draw a pen stroke across part of the slide.
     """
+    lay = _empty_layout(rng, height_um, width_um, texture, tissue_fraction)
+    if pen:
+        _add_pen(lay, rng)
+    if texture == "blank":
+        return lay
+    if texture == "real":
+        _add_real_mosaic(lay, rng, nuclear_radius_um, density_per_10k_um2)
+        return lay
+    _add_glands(lay, rng, tissue_fraction, gland_fraction)
+    _add_nuclei(lay, rng, density_per_10k_um2, nuclear_radius_um, pleomorphism)
+    return lay
+
+
+def _empty_layout(rng: np.random.Generator, height_um: float, width_um: float, texture: str,
+                  tissue_fraction: float) -> TissueLayout:
+    """The tissue/cellular/fibre noise fields, thresholded to the requested tissue fraction."""
     scale = min(height_um, width_um)
     tissue_noise = [
         BlobField(rng, height_um, width_um, int(rng.integers(4, 9))),
@@ -436,43 +452,49 @@ def make_layout(
     gx = (np.arange(160) + 0.5) * width_um / 160
     field_lo = lay.tissue_field(gy, gx)
     lay.tissue_threshold = float(np.quantile(field_lo, 1.0 - np.clip(tissue_fraction, 0.01, 0.95)))
+    return lay
 
-    if pen:
-        _add_pen(lay, rng)
-    if texture == "blank":
-        return lay
-    if texture == "real":
-        ny = int(np.ceil(height_um / lay.cell_um)) + 1
-        nx = int(np.ceil(width_um / lay.cell_um)) + 1
-        lay.zoom = float(np.clip(nuclear_radius_um / 3.8, 0.6, 1.8))
-        lay.h_gain = float(np.clip(density_per_10k_um2 / 80.0, 0.7, 1.5))
-        src = _real_concentrations()
-        extent = lay.cell_um / (REAL_SOURCE_MPP * lay.zoom)
-        hi = src.shape[1] - extent - 2
-        mosaic = np.empty((ny, nx, 4), np.float32)
-        mosaic[..., 0] = rng.uniform(0, hi, (ny, nx))
-        mosaic[..., 1] = rng.uniform(0, hi, (ny, nx))
-        mosaic[..., 2] = rng.integers(0, 4, (ny, nx))
-        mosaic[..., 3] = rng.integers(0, 2, (ny, nx))
-        lay.mosaic = mosaic
-        return lay
 
-    # glands: lumen centres in cellular tissue, count set by the gland fraction
-    area = height_um * width_um
+def _add_real_mosaic(lay: TissueLayout, rng: np.random.Generator, nuclear_radius_um: float,
+                     density_per_10k_um2: float) -> None:
+    """Real-texture mode: a mosaic of crops of the real H&E source, scaled by the phenotype."""
+    ny = int(np.ceil(lay.height_um / lay.cell_um)) + 1
+    nx = int(np.ceil(lay.width_um / lay.cell_um)) + 1
+    lay.zoom = float(np.clip(nuclear_radius_um / 3.8, 0.6, 1.8))
+    lay.h_gain = float(np.clip(density_per_10k_um2 / 80.0, 0.7, 1.5))
+    src = _real_concentrations()
+    extent = lay.cell_um / (REAL_SOURCE_MPP * lay.zoom)
+    hi = src.shape[1] - extent - 2
+    mosaic = np.empty((ny, nx, 4), np.float32)
+    mosaic[..., 0] = rng.uniform(0, hi, (ny, nx))
+    mosaic[..., 1] = rng.uniform(0, hi, (ny, nx))
+    mosaic[..., 2] = rng.integers(0, 4, (ny, nx))
+    mosaic[..., 3] = rng.integers(0, 2, (ny, nx))
+    lay.mosaic = mosaic
+
+
+def _add_glands(lay: TissueLayout, rng: np.random.Generator, tissue_fraction: float, gland_fraction: float) -> None:
+    """Gland lumen centres in cellular tissue, their count set by the gland fraction."""
+    area = lay.height_um * lay.width_um
     cell_area = area * tissue_fraction * 0.5
     gr_mean = 22.0
     n_glands = int(rng.poisson(max(gland_fraction, 0.0) * cell_area / (np.pi * (gr_mean + 14) ** 2)))
     if n_glands:
         cand = 4 * n_glands + 8
-        cy = rng.uniform(0, height_um, cand)
-        cx = rng.uniform(0, width_um, cand)
+        cy = rng.uniform(0, lay.height_um, cand)
+        cx = rng.uniform(0, lay.width_um, cand)
         ok = (lay.tissue_mask(cy, cx, band=False) > 0.99) & (lay.cellular(cy, cx, band=False) > 0.5)
         cy, cx = cy[ok][:n_glands], cx[ok][:n_glands]
         lay.gland_y_um = cy.astype(np.float32)
         lay.gland_x_um = cx.astype(np.float32)
         lay.gland_r_um = rng.uniform(0.6, 1.4, len(cy)).astype(np.float32) * gr_mean
 
-    # nuclei: thinned Poisson process over the slide
+
+def _add_nuclei(lay: TissueLayout, rng: np.random.Generator, density_per_10k_um2: float,
+                nuclear_radius_um: float, pleomorphism: float) -> None:
+    """Nuclei: a thinned Poisson process over the slide, plus epithelium lining the glands."""
+    height_um, width_um = lay.height_um, lay.width_um
+    area = height_um * width_um
     dens_max = density_per_10k_um2 / 1e4
     n_cand = int(rng.poisson(dens_max * area))
     ny_ = rng.uniform(0, height_um, n_cand).astype(np.float32)
@@ -493,18 +515,8 @@ def make_layout(
     # stromal nuclei are small and elongated; tumour nuclei follow the phenotype
     radius = np.where(cel > 0.5, radius, 0.65 * nuclear_radius_um * rng.uniform(0.8, 1.1, n))
     amp = np.clip(rng.normal(1.0, 0.5 * pleomorphism + 0.05, n), 0.55, 1.6)
-    # epithelial nuclei lining the glands
-    ey, ex, er = [], [], []
-    for gy_, gx_, gr_ in zip(lay.gland_y_um, lay.gland_x_um, lay.gland_r_um):
-        ring = gr_ + 6.0
-        k = max(int(2 * np.pi * ring / 8.0), 6)
-        th = np.linspace(0, 2 * np.pi, k, endpoint=False) + rng.uniform(0, 1)
-        rr = ring + rng.normal(0, 0.8, k)
-        ey.append(gy_ + rr * np.sin(th))
-        ex.append(gx_ + rr * np.cos(th))
-        er.append(0.85 * nuclear_radius_um * np.exp(rng.normal(0, 0.5 * pleomorphism, k)))
-    if ey:
-        ey, ex, er = (np.concatenate(a).astype(np.float32) for a in (ey, ex, er))
+    ey, ex, er = _gland_epithelium(lay, rng, nuclear_radius_um, pleomorphism)
+    if len(ey):
         ny_ = np.concatenate([ny_, ey])
         nx_ = np.concatenate([nx_, ex])
         radius = np.concatenate([radius, er])
@@ -514,7 +526,23 @@ def make_layout(
     lay.nuc_r_um = radius.astype(np.float32)
     lay.nuc_variant = rng.integers(0, _STAMP_VARIANTS, len(ny_))
     lay.nuc_amp = amp.astype(np.float32)
-    return lay
+
+
+def _gland_epithelium(lay: TissueLayout, rng: np.random.Generator, nuclear_radius_um: float,
+                      pleomorphism: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epithelial nuclei on a ring around each gland lumen (y, x, radius in um)."""
+    ey, ex, er = [], [], []
+    for gy_, gx_, gr_ in zip(lay.gland_y_um, lay.gland_x_um, lay.gland_r_um):
+        ring = gr_ + 6.0
+        k = max(int(2 * np.pi * ring / 8.0), 6)
+        th = np.linspace(0, 2 * np.pi, k, endpoint=False) + rng.uniform(0, 1)
+        rr = ring + rng.normal(0, 0.8, k)
+        ey.append(gy_ + rr * np.sin(th))
+        ex.append(gx_ + rr * np.cos(th))
+        er.append(0.85 * nuclear_radius_um * np.exp(rng.normal(0, 0.5 * pleomorphism, k)))
+    if not ey:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return tuple(np.concatenate(a).astype(np.float32) for a in (ey, ex, er))
 
 
 def _add_pen(lay: TissueLayout, rng: np.random.Generator) -> None:
