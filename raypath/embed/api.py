@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -55,13 +54,20 @@ from raypath.errors import RaypathError
 from raypath.embed.store import (
     CACHE_KEY_META,
     MANIFEST_VERSION,
-    cache_key,
     file_cache_key,
     read_manifest,
     write_bag_table,
     write_manifest,
 )
-from raypath.fm.registry import ModelSpec, get_spec
+from raypath.embed.identity import (  # noqa: F401 (make_model_key: API)
+    FeatureIdentity,
+    derive_identity,
+    identity_doc,
+    make_model_key,
+    slide_cache_key,
+    workdir_target_mpp,
+)
+from raypath.fm.registry import ModelSpec
 from raypath.io.storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
 from raypath.wsi.tile_table import read_slide_tiles, tile_index, tiles_hash  # noqa: F401 (tiles_hash: API)
 
@@ -145,64 +151,17 @@ class EmbedResult:
 
 
 # --------------------------------------------------------------------------- identity
+# Defined once for every writer and reader in raypath.embed.identity; the names
+# below are kept for code that imports them from here.
+
+ModelIdentity = FeatureIdentity
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    spec: ModelSpec
-    weights_sha256: str
-    adapter_sha256: str | None
-    variant: dict | None = None  # generated stain/scanner view (raypath.embed.variants.VariantSpec.identity)
-
-    @property
-    def model_key(self) -> str:
-        return make_model_key(self.spec.key, self.weights_sha256, self.adapter_sha256)
-
-
-def make_model_key(key: str, weights_sha256: str, adapter_sha256: str | None) -> str:
-    """``<registry key>-<first 8 hex of sha256(weights_sha256|adapter_sha256)>``."""
-    h = hashlib.sha256(f"{weights_sha256}|{adapter_sha256 or ''}".encode()).hexdigest()[:8]
-    return f"{key}-{h}"
-
-
-def model_identity(model: str | ModelSpec, weights: str | None, adapter: str | None) -> ModelIdentity:
-    """Hash the weights and adapter without building the model (driver side)."""
-    from raypath.fm.backbone import _parse_random, _weights_sha256, adapter_sha256, resolve_weights
-
-    spec = get_spec(model) if not isinstance(model, ModelSpec) else model
-    seed = _parse_random(weights)
-    if weights is None and spec.test_only:
-        seed = 0
-    if seed is not None:
-        w = f"random:{seed}"
-    else:
-        w = _weights_sha256(resolve_weights(spec, weights))
-    a = None
-    if adapter:
-        if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-            raise RaypathError(
-                f"adapter {adapter!r} is not a peft adapter folder (no adapter_config.json): pass the folder "
-                "written by `raypath adapt` (adapters/<run>/)"
-            )
-        a = adapter_sha256(adapter)
-    return ModelIdentity(spec, w, a)
-
-
-def slide_cache_key(fingerprint: str, tiles: pd.DataFrame | str, ident: ModelIdentity, dtype: str) -> str:
-    """Cache key of one slide's features; ``tiles`` is the slide's rows or their :func:`tiles_hash`."""
-    return cache_key(
-        {
-            "slide_fingerprint": fingerprint,
-            "tiles": tiles if isinstance(tiles, str) else tiles_hash(tiles),
-            "model_key": ident.model_key,
-            "arch": [ident.spec.family, ident.spec.arch, ident.spec.arch_kwargs],
-            "weights_sha256": ident.weights_sha256,
-            "adapter_sha256": ident.adapter_sha256,
-            "preprocessing": ident.spec.preprocessing(),
-            "dtype": dtype,
-            **({"variant": ident.variant} if ident.variant is not None else {}),
-        }
-    )
+def model_identity(model: str | ModelSpec, weights: str | None, adapter: str | None,
+                   prompts: str | None = None) -> FeatureIdentity:
+    """Hash the weights and adapter without building the model (driver side):
+    :func:`raypath.embed.identity.derive_identity`."""
+    return derive_identity(model if isinstance(model, str) else model.key, weights, adapter, prompts)
 
 
 # --------------------------------------------------------------------------- per-item logic (no Ray)
@@ -351,6 +310,9 @@ class EmbedActor:
     """Ray Data actor: one model per actor, loaded once in ``__init__``."""
 
     def __init__(self, **kw: Any):
+        from raypath.plugins import load_plugins
+
+        load_plugins(kw.pop("plugins", None))  # the driver's plugins (a private model) in this worker too
         self.variant = kw.pop("variant", None)  # generated view: raypath.embed.variants.VariantSpec
         self.embedder = TileEmbedder(**kw)
 
@@ -519,6 +481,7 @@ class _Collector:
     def __init__(self, cfg: EmbedConfig, plan: EmbedPlan, ident: ModelIdentity, feature_dir: str, s3: S3Options):
         self.cfg, self.ident, self.feature_dir, self.s3 = cfg, ident, feature_dir, s3
         self.base, self.entries, self.failed = _base_manifest(cfg, ident), plan.entries, {}
+        self.target_mpp = workdir_target_mpp(cfg.workdir, s3)  # the identity's tiling
         self.expected = {t.slide_id: t.n_tiles for t in plan.todo}
         self.entry_of = {t.slide_id: t.entry for t in plan.todo}
         self.acc: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -530,7 +493,8 @@ class _Collector:
         self.tiles_done = 0
 
     def flush(self) -> None:
-        doc = dict(self.base, slides=dict(sorted(self.entries.items())), failed=dict(sorted(self.failed.items())))
+        doc = dict(self.base, identity=identity_doc(self.ident, self.entries, self.target_mpp),
+                   slides=dict(sorted(self.entries.items())), failed=dict(sorted(self.failed.items())))
         write_manifest(self.feature_dir, doc, self.s3)
 
     def reap(self, block: bool = False) -> None:
@@ -693,10 +657,12 @@ def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=N
     n_actors, gpus, cpus = derive_resources(cfg)
     items = [{"slide_id": t.slide_id, "uri": t.uri, "tiles_sha256": t.tiles_sha256, "tile_px": t.tile_px}
              for t in plan.todo]
+    from raypath.plugins import plugin_specs
+
     actor_kw = dict(model=spec.key, weights=cfg.weights, adapter=cfg.adapter, batch_size=cfg.batch_size,
                     device="cuda" if gpus > 0 else "cpu", amp=cfg.amp, compile=cfg.compile,
                     channels_last=cfg.channels_last, num_threads=None if gpus > 0 else int(cpus),
-                    dtype=cfg.dtype, variant=variant)
+                    dtype=cfg.dtype, variant=variant, plugins=plugin_specs())
     concurrency = cfg.actor_concurrency or (2 if gpus > 0 else 1)
     log.info("embed: %d actor(s) x (%g GPU, %g CPU), batch %d, %d batch(es) in flight per actor, %s",
              n_actors, gpus, cpus, cfg.batch_size, concurrency, "GPU" if gpus > 0 else "CPU")

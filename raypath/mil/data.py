@@ -3,8 +3,10 @@
 Plain numpy/torch, no Ray: the training loop (in-process or in a Ray Train
 worker) builds batches with these functions.
 
-* :func:`load_bag_arrays` reads the bags of some slides from a
-  :class:`raypath.embed.store.FeatureStore` (or takes an in-memory mapping).
+* :func:`load_bag_arrays` gives the bags of some slides: from a
+  :class:`raypath.embed.store.FeatureStore` as a :class:`StoreBags` mapping
+  that reads each bag when first used and keeps a bounded LRU cache (a
+  worker reads only its shard's bags), or from an in-memory mapping.
 * :func:`sample_tiles` caps a bag at ``max_tiles`` random tiles.
 * :func:`collate_bags` pads a list of bags to the longest one and returns
   the mask (True = real tile).
@@ -17,7 +19,9 @@ worker) builds batches with these functions.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections import OrderedDict
+from collections.abc import MutableMapping, Sequence
+from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -26,7 +30,103 @@ import torch
 from raypath.errors import RaypathError
 
 
-def load_bag_arrays(source, slide_ids, dtype=np.float16) -> dict[str, np.ndarray]:
+#: Bytes of bags a process keeps in memory when reading from a feature store (LRU); beyond it a
+#: bag is read again when needed.  ``RAYPATH_BAG_CACHE_MB`` overrides it.
+BAG_CACHE_BYTES = 512 * 1024 * 1024
+
+
+def _checked_bag(sid: str, arr: np.ndarray) -> np.ndarray:
+    if arr.ndim != 2 or len(arr) == 0:
+        raise RaypathError(
+            f"slide {sid!r} has an empty or malformed bag (shape {arr.shape}): "
+            "re-embed it or drop it from the cohort"
+        )
+    return arr
+
+
+class StoreBags(MutableMapping):
+    """``slide_id -> [N, D]`` bags read from a feature store when first used, kept in a bounded
+    LRU cache: a training worker reads only the bags it touches (its shard of each epoch, the
+    rows it evaluates), and its memory stays bounded whatever the cohort size.
+
+    Entries assigned with ``bags[key] = array`` are held in memory (not evicted).
+    """
+
+    def __init__(self, store, slide_ids, dtype=np.float16, max_bytes: int | None = None):
+        import os
+
+        self.store, self.dtype = store, dtype
+        self.ids = [str(s) for s in slide_ids]
+        self._known = set(self.ids)
+        env_mb = os.environ.get("RAYPATH_BAG_CACHE_MB")
+        self.max_bytes = int(max_bytes if max_bytes is not None else
+                             (int(env_mb) << 20 if env_mb else BAG_CACHE_BYTES))
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._pinned: dict[str, np.ndarray] = {}
+        self._bytes = 0
+        self.reads = 0  # store reads so far (a re-read after eviction counts again)
+
+    def __getitem__(self, sid: str) -> np.ndarray:
+        if sid in self._pinned:
+            return self._pinned[sid]
+        if sid not in self._known:
+            raise KeyError(sid)
+        arr = self._cache.get(sid)
+        if arr is not None:
+            self._cache.move_to_end(sid)
+            return arr
+        arr = _checked_bag(sid, self.store.load_bag(sid).features.astype(self.dtype, copy=False))
+        self.reads += 1
+        self._cache[sid] = arr
+        self._bytes += arr.nbytes
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.nbytes
+        return arr
+
+    def __setitem__(self, key: str, arr: np.ndarray) -> None:
+        self._pinned[key] = arr
+        if key not in self._known:
+            self._known.add(key)
+            self.ids.append(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._pinned.pop(key, None)
+        if key in self._cache:
+            self._bytes -= self._cache.pop(key).nbytes
+        self._known.discard(key)
+        self.ids.remove(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+
+class BagList(Sequence):
+    """The bags of ``keys`` as a sequence that reads each bag when indexed (no list of all bags)."""
+
+    def __init__(self, bags: Mapping, keys: list[str]):
+        self.bags, self.keys = bags, list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.bags[k] for k in self.keys[i]]
+        return self.bags[self.keys[i]]
+
+
+def load_bag_arrays(source, slide_ids, dtype=np.float16, max_bytes: int | None = None) -> Mapping[str, np.ndarray]:
     """Features [N, D] of each slide in ``slide_ids``.
 
     Parameters
@@ -37,28 +137,30 @@ def load_bag_arrays(source, slide_ids, dtype=np.float16) -> dict[str, np.ndarray
     dtype
         Kept in memory as float16 by default (half the memory; batches are
         float32).
+    max_bytes
+        Store sources: the cache bound of the returned :class:`StoreBags` (bags are
+        read when first used; missing slides are reported here, empty bags on use).
     """
     from raypath.embed.store import Bag, FeatureStore
 
-    out: dict[str, np.ndarray] = {}
     if isinstance(source, str):
         source = FeatureStore(source)
-    if isinstance(source, Mapping):
-        for sid in slide_ids:
-            if sid not in source:
-                raise RaypathError(f"no features for slide {sid!r} in the given bags")
-            v = source[sid]
-            arr = v.features if isinstance(v, Bag) else np.asarray(v)
-            out[sid] = np.asarray(arr, dtype=dtype)
-    else:
-        for sid in slide_ids:
-            out[sid] = source.load_bag(sid).features.astype(dtype, copy=False)
-    for sid, arr in out.items():
-        if arr.ndim != 2 or len(arr) == 0:
+    if not isinstance(source, Mapping):
+        ids = [str(s) for s in slide_ids]
+        missing = sorted(set(ids) - set(source.slide_ids()))
+        if missing:
             raise RaypathError(
-                f"slide {sid!r} has an empty or malformed bag (shape {arr.shape}): "
-                "re-embed it or drop it from the cohort"
+                f"no features for slide(s) {missing[:5]} in {source.path!r}: embed them "
+                "(`raypath embed`) or drop them from the cohort"
             )
+        return StoreBags(source, ids, dtype, max_bytes)
+    out: dict[str, np.ndarray] = {}
+    for sid in slide_ids:
+        if sid not in source:
+            raise RaypathError(f"no features for slide {sid!r} in the given bags")
+        v = source[sid]
+        arr = v.features if isinstance(v, Bag) else np.asarray(v)
+        out[sid] = _checked_bag(sid, np.asarray(arr, dtype=dtype))
     return out
 
 

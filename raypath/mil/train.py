@@ -36,7 +36,7 @@ import torch
 
 from raypath.evaluation.metrics import classification_metrics, harrell_c_index
 from raypath.evaluation.splits import Split
-from raypath.mil.data import collate_bags, epoch_order, load_bag_arrays, shard
+from raypath.mil.data import BagList, collate_bags, epoch_order, load_bag_arrays, shard
 from raypath.mil.losses import make_objective, make_time_bins, time_to_bin
 from raypath.mil.models import build_model
 from raypath.train.checkpoint import STATE_FILE, load_state, module_state, unwrap
@@ -317,7 +317,7 @@ def fit_split(
 
         run.variants = VariantRun(tissues, train_rows, bags, targets, objective, params, strata)
     start_epoch = _build(run, next(iter(bags.values())).shape[1], resume)
-    eval_bags = [bags[data.slide_ids[i]] for i in run.eval_rows]
+    eval_bags = BagList(bags, [data.slide_ids[i] for i in run.eval_rows])  # read per batch, not all held
     scores = None
     for epoch in range(start_epoch, params.epochs):
         train_loss = _train_epoch(run, bags, epoch)
