@@ -27,8 +27,6 @@ them, and Ray workers inherit them).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -36,6 +34,8 @@ from typing import Any, Iterator
 
 import botocore.exceptions
 import s3fs
+
+from raypath.io.storage import current_activities
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +129,6 @@ def health(endpoint: str | None) -> EndpointHealth:
         return _HEALTH[key]
 
 
-# --------------------------------------------------------------------------- what is being processed (for stall logs)
-
-_ACTIVITIES: dict[int, str] = {}
-_ACTIVITY_IDS = itertools.count()
-
-
-@contextlib.contextmanager
-def activity(label: str) -> Iterator[None]:
-    """``with activity("slide s3"):`` names the work a stall log line is about."""
-    key = next(_ACTIVITY_IDS)
-    _ACTIVITIES[key] = label
-    try:
-        yield
-    finally:
-        _ACTIVITIES.pop(key, None)
-
-
 def _stall_watch() -> None:
     while True:
         time.sleep(5.0)
@@ -154,7 +137,7 @@ def _stall_watch() -> None:
             waited = h.stalled_for()
             if waited >= STALL_LOG_S and now - h.last_stall_log >= STALL_LOG_S:
                 h.last_stall_log = now
-                doing = sorted(set(_ACTIVITIES.values()))
+                doing = current_activities()
                 log.warning(
                     "no progress for %.0f s: %d request(s) to storage endpoint %s waiting for an answer%s",
                     waited, h.inflight, h.endpoint, f" ({', '.join(doing[:5])})" if doing else "",
