@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "mil": ("raypath.mil.cli", "train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)"),
     "robustness": ("raypath.robustness.cli", "site probe, KMeans cohort purity, RI, CRoMa, t-SNE of a feature store"),
     "sweep": ("raypath.sweep", "Ray Tune + Optuna search over adapter/MIL settings under nested LODO"),
+    "patch": ("raypath.patch.cli", "patch classification benchmark: probes, LoRA/DoRA, full fine-tuning, end-to-end baselines"),
     "report": ("raypath.report.pages", "self-contained HTML report of a run, a comparison, or a whole workdir"),
     "submit": ("raypath.submit", "run raypath on a Ray cluster as a Ray job (submit, status, logs, stop, list)"),
     "s3": ("raypath.io.s3cli", "serve a local folder as an S3 bucket (embedded endpoint)"),
@@ -73,11 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from raypath.io.quiet import configure_cli_logging
+
+    configure_cli_logging(args.verbose)  # -v: raypath's debug lines, not matplotlib's font search
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,175 @@
+"""Protocols of the patch benchmark: splits, label fractions and the list of fits.
+
+Splits
+    Within each domain, whole patients are held out: ``test_fraction`` of the
+    patients for testing, then ``val_fraction`` of the rest for validation
+    (early stopping), stratified by label where the patient count allows
+    (``StratifiedGroupKFold``).  A ``split`` column in the patch table is used
+    instead when present.  Either way :func:`check_leakage` refuses a split
+    that puts one slide or one patient on two sides: the original study split
+    by cell, and neighbouring cells of one slide share stain, focus and
+    tissue, so such a test set measures memory, not generalisation.
+
+Fractions
+    :func:`fraction_subsets` draws, for each seed, one random order of the
+    training patches inside every (label x domain) stratum and takes the first
+    ``round(f x n_stratum)`` of each for fraction ``f``: stratified by label and
+    domain, and *nested* (each smaller set lies inside every larger one, so a
+    curve over fractions compares like with like).  Every class keeps at least
+    ``min_per_class`` patches (2: a 0.1 % set of a small study would otherwise
+    be empty).
+
+Fits
+    :func:`plan_fits` lists every (protocol, training domains, method,
+    fraction, seed) fit with its train/val rows and the test sets it is
+    evaluated on: ``scaling`` (all domains, every fraction, tested in-domain),
+    ``domain`` (train on one domain, test on each: the domain matrix) and
+    ``lodo`` (train on all but one domain, test on it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from raypath.errors import RaypathError
+from raypath.evaluation.splits import LeakageError
+
+PROTOCOLS = ("scaling", "domain", "lodo")
+
+
+def check_leakage(table: pd.DataFrame, split: np.ndarray, where: str = "patch split") -> None:
+    """Raise :class:`LeakageError` if a slide or a patient has patches in two of train/val/test."""
+    split = np.asarray(split, dtype=object)
+    for col in ("slide_id", "patient_id"):
+        sides = pd.DataFrame({"id": table[col].astype(str).to_numpy(), "split": split}).groupby("id")["split"].nunique()
+        shared = sorted(sides[sides > 1].index)
+        if shared:
+            raise LeakageError(
+                f"{where}: {len(shared)} {col.replace('_id', '')}(s) have patches in more than one of "
+                f"train/val/test (e.g. {shared[:5]}); split by patient, never by cell: give all patches of a "
+                "patient the same `split` (or drop the column to let raypath split by patient)"
+            )
+
+
+def _holdout(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): about ``fraction`` of the patients of ``rows`` held out, label-stratified."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups[rows]))
+    n_splits = min(max(2, int(round(1.0 / fraction))), n_groups)
+    if fraction <= 0 or n_splits < 2:
+        return rows, rows[:0]
+    skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fewer groups than folds in a class: still grouped
+        keep, held = next(iter(skf.split(np.zeros(len(rows)), labels[rows], groups[rows])))
+    return rows[keep], rows[held]
+
+
+def assign_splits(table: pd.DataFrame, test_fraction: float = 0.2, val_fraction: float = 0.2,
+                  seed: int = 0) -> np.ndarray:
+    """``train`` / ``val`` / ``test`` per patch: the table's ``split`` column if it has one
+    (checked), else patients held out within each domain (see the module doc)."""
+    if "split" in table.columns and table["split"].notna().any():
+        split = table["split"].astype(object).to_numpy()
+        if pd.isna(split).any():
+            raise RaypathError("patch table: `split` is empty for some rows: give every row train, val or test, "
+                               "or drop the column")
+        check_leakage(table, split)
+        return split
+    labels = table["label"].astype(str).to_numpy()
+    groups = table["patient_id"].astype(str).to_numpy()
+    split = np.full(len(table), "train", dtype=object)
+    for dom, rows in table.groupby("domain", sort=True).indices.items():
+        if len(np.unique(groups[rows])) < 3:
+            raise RaypathError(
+                f"domain {dom!r} has {len(np.unique(groups[rows]))} patient(s): at least 3 are needed to hold out "
+                "test and validation patients; add patients or merge the domain with another"
+            )
+        rest, test = _holdout(np.asarray(rows), labels, groups, test_fraction, seed)
+        _, val = _holdout(rest, labels, groups, val_fraction, seed + 1)
+        split[test] = "test"
+        split[val] = "val"
+    check_leakage(table, split)
+    return split
+
+
+def fraction_subsets(rows: np.ndarray, labels: np.ndarray, domains: np.ndarray, fractions: list[float],
+                     seed: int, min_per_class: int = 2) -> dict[float, np.ndarray]:
+    """Nested, (label x domain)-stratified subsets of ``rows`` for each fraction (sorted row arrays)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 271828]))
+    strata: dict[tuple[str, str], np.ndarray] = {}
+    for key in sorted(set(zip(labels[rows], domains[rows]))):
+        members = rows[(labels[rows] == key[0]) & (domains[rows] == key[1])]
+        strata[key] = members[rng.permutation(len(members))]
+    floor = {k: 0 for k in strata}
+    for lab in sorted(set(labels[rows])):
+        mine = sorted((k for k in strata if k[0] == lab), key=lambda k: (-len(strata[k]), k[1]))
+        need = min(min_per_class, sum(len(strata[k]) for k in mine))
+        while need > 0:
+            for k in mine:
+                if need and floor[k] < len(strata[k]):
+                    floor[k] += 1
+                    need -= 1
+    out = {}
+    for f in fractions:
+        take = [s[: max(int(np.floor(f * len(s) + 0.5)), floor[k])] for k, s in strata.items()]
+        out[f] = np.sort(np.concatenate(take)) if take else rows[:0]
+    return out
+
+
+@dataclass
+class Fit:
+    """One fit: which rows train, which validate, which test sets it is scored on."""
+
+    protocol: str
+    train_on: str  # "all", a domain, or "all-but-<domain>"
+    method: str
+    fraction: float
+    seed: int
+    train: np.ndarray
+    val: np.ndarray
+    evals: dict[str, np.ndarray] = field(default_factory=dict)  # test set name -> rows
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}__{self.train_on}__{self.method}__f{self.fraction:g}__s{self.seed}"
+
+
+def _tests(domains: np.ndarray, split: np.ndarray, include_all: bool) -> dict[str, np.ndarray]:
+    out = {f"test:{d}": np.flatnonzero((split == "test") & (domains == d)) for d in sorted(set(domains))}
+    if include_all:
+        out["test:all"] = np.flatnonzero(split == "test")
+    return out
+
+
+def plan_fits(table: pd.DataFrame, split: np.ndarray, methods: list[str], protocols: list[str],
+              fractions: list[float], seeds: list[int], domain_fractions: list[float],
+              min_per_class: int = 2) -> list[Fit]:
+    """Every fit of the benchmark (see the module doc), in a stable order."""
+    labels = table["label"].astype(str).to_numpy()
+    domains = table["domain"].astype(str).to_numpy()
+    doms = sorted(set(domains))
+    pool, val = split == "train", split == "val"
+    groups: list[tuple[str, str, np.ndarray, list[float]]] = []
+    if "scaling" in protocols:
+        groups.append(("scaling", "all", np.ones(len(table), bool), fractions))
+    if "domain" in protocols:
+        groups += [("domain", d, domains == d, domain_fractions) for d in doms]
+    if "lodo" in protocols and len(doms) > 1:
+        groups += [("lodo", f"all-but-{d}", domains != d, domain_fractions) for d in doms]
+    tests = _tests(domains, split, include_all=True)
+    fits = []
+    for protocol, name, sel, fracs in groups:
+        for seed in seeds:
+            subsets = fraction_subsets(np.flatnonzero(pool & sel), labels, domains, fracs, seed, min_per_class)
+            for f in fracs:
+                for m in methods:
+                    fits.append(Fit(protocol, name, m, f, seed, subsets[f], np.flatnonzero(val & sel), dict(tests)))
+    return fits
