@@ -59,12 +59,15 @@ def fit_on_ray_train(
     cpus_per_worker: float = 1.0,
     datasets: dict | None = None,
     keep: int = 2,
+    max_failures: int = 0,
 ):
     """Run ``train_fn(config)`` on ``num_workers`` Ray Train workers; returns
     the ``ray.train.Result`` (``.checkpoint`` = the latest, ``.return_value``
     = rank 0's return value).
 
     ``use_gpu=None`` uses GPUs when the cluster has one per worker.
+    ``max_failures``: worker-group restarts Ray Train may make after a worker
+    dies; each restart resumes from the latest checkpoint within this call.
 
     Raises
     ------
@@ -76,7 +79,7 @@ def fit_on_ray_train(
     from raypath.io.ray_env import ensure_ray
 
     ensure_ray()
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = resolve_use_gpu(use_gpu, num_workers)
@@ -89,7 +92,12 @@ def fit_on_ray_train(
             resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=_absolute(storage_path), name=name, checkpoint_config=CheckpointConfig(num_to_keep=keep)),
+        run_config=RunConfig(
+            storage_path=_absolute(storage_path),
+            name=name,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
         datasets=datasets,
     )
     try:
