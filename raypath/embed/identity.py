@@ -276,7 +276,8 @@ def features_digest(store, slide_ids: Iterable[str]) -> str:
             info = store._fs.info(uri if is_remote(uri) else strip_protocol(uri))
             key = f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified')}"
         ids.append([sid, key])
-    return _sha({"model_key": manifest.get("model_key"), "slides": ids})
+    doc = {"model_key": manifest.get("model_key"), "slides": ids}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()  # as MIL runs always hashed
 
 
 def _short(v: Any) -> str:
@@ -314,7 +315,7 @@ def check_slides(feature_dir: str, manifest: Mapping, slides: pd.DataFrame) -> N
     entries = manifest.get("slides") if isinstance(manifest.get("slides"), dict) else {}
     if not entries or "fingerprint" not in slides.columns:
         return
-    now = dict(zip(slides["slide_id"].astype(str), slides["fingerprint"].astype(str)))
+    now = {str(s): str(f) for s, f in zip(slides["slide_id"], slides["fingerprint"]) if f is not None and f == f and f != ""}
     stale = sorted(s for s, e in entries.items() if s in now and e.get("slide_fingerprint") not in (None, "", now[s]))
     if stale:
         raise RaypathError(

@@ -29,6 +29,7 @@ from raypath.config import StageConfig
 from raypath.train.precision import AMP_HELP
 from raypath.io.jsonio import to_jsonable
 from raypath.errors import RaypathError
+from raypath.embed.identity import check_store, features_digest  # one feature identity for every reader
 from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
 from raypath.mil.protocols import ProtocolOutput, params_from_config, protocol_kwargs, run_protocol
 
@@ -158,25 +159,6 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def features_digest(store, slide_ids: list[str]) -> str:
-    """Identity of the features of ``slide_ids``: each slide's cache key from the
-    store's manifest (model, weights, adapter, tiles, slide fingerprint), else
-    its file's size and modification time (or ETag)."""
-    from raypath.embed.store import slide_file
-
-    entries = store.manifest().get("slides", {}) or {}
-    fs = store._fs
-    ids = []
-    for sid in slide_ids:
-        key = (entries.get(sid) or {}).get("cache_key")
-        if key is None:
-            uri = slide_file(store.path, sid)
-            info = fs.info(uri if is_remote(uri) else strip_protocol(uri))
-            key = f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified')}"
-        ids.append([sid, key])
-    return _digest({"model_key": store.manifest().get("model_key"), "slides": ids})
-
-
 def run_fingerprint(cfg: MilConfig, store, clinical: pd.DataFrame) -> tuple[str, dict]:
     """``(fingerprint, parts)``: checkpoints are only reused by a run with the
     same config, the same features and the same clinical rows in the same order.
@@ -285,6 +267,7 @@ def run_mil(cfg: MilConfig) -> MilResult:
     feature_dir = resolve_feature_dir(cfg)
     store = FeatureStore(feature_dir)
     clinical = load_clinical(cfg, store.slide_ids())
+    check_store(feature_dir, slides=clinical)  # features made from other slide files than the cohort lists
     adapter_check = check_features_for_held_out(feature_dir, store.manifest(), clinical, held_out_slides(cfg, clinical))
     run_dir = join(cfg.workdir, "runs", cfg.run_name())
     fp, parts = run_fingerprint(cfg, store, clinical)

@@ -21,7 +21,6 @@ time whatever the cohort size, so it needs no Ray.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import time
@@ -37,6 +36,7 @@ from raypath.evaluation.meanings import better
 from raypath.io.jsonio import to_jsonable
 from raypath.config import StageConfig
 from raypath.errors import RaypathError
+from raypath.embed.identity import check_store, features_digest
 from raypath.embed.store import FeatureStore
 from raypath.io.storage import (
     S3Options,
@@ -166,17 +166,17 @@ def load_sample(
     meta = meta.merge(slides.assign(slide_id=slides["slide_id"].astype(str)), on="slide_id", how="left",
                       suffixes=("", "_slide"))
     manifest = store.manifest()
-    entries = manifest.get("slides", {}) if isinstance(manifest.get("slides"), dict) else {}
+    # the one feature identity: refuse features made from other slide files than the cohort lists
+    ident = check_store(feature_dir, slides=slides, s3=s3)
     info = {
         "feature_dir": feature_dir,
+        "identity": ident.to_dict() if ident is not None else None,
         # what produced the features: model, weights/adapter sha256, preprocessing
         # (not passed through redact(): it masks any key containing "token", e.g.
         # num_register_tokens; the manifest holds no secrets, it is already stored as is)
         "manifest": {k: v for k, v in manifest.items() if k not in ("slides", "failed", "schema")},
-        # one digest over the per-slide cache keys of the slides analysed
-        "slides_cache_digest": hashlib.sha256(
-            json.dumps({s: entries.get(s) for s in ids}, sort_keys=True, default=str).encode()
-        ).hexdigest() if entries else None,
+        # one digest over the per-slide cache keys of the slides analysed (raypath.embed.identity)
+        "slides_cache_digest": features_digest(store, ids) if manifest.get("slides") else None,
         "n_slides_in_store": len(have),
         "n_slides_without_metadata": len(have - known),
         "n_slides": len(ids),
