@@ -339,7 +339,9 @@ def _from_hub(spec: ModelSpec) -> list[Path]:
         from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
     except ImportError as e:  # pragma: no cover - transformers depends on it
         raise RaypathError(f"huggingface_hub is missing; {_hub_hint(spec)}") from e
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    from raypath.io.quiet import offline_unless_hub_reachable
+
+    offline = offline_unless_hub_reachable()  # no network: fail now, not after a minute of retries
     last: Exception | None = None
     for local_only in (True, False) if not offline else (True,):
         for fname in spec.weight_files:

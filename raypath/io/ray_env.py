@@ -57,6 +57,9 @@ def _quiet_defaults() -> None:
     # set RAY_AUTH_MODE/RAY_AUTH_TOKEN themselves (see cluster/README.md).
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from raypath.io.quiet import quiet_ray_data
+
+    quiet_ray_data()  # raypath prints its own progress: no "Progress bars disabled" warning
 
 
 def forwarded_env() -> dict[str, str]:

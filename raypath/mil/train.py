@@ -369,6 +369,12 @@ def run_splits(
     current = state.get("current")
     if done or current:
         log.info("resuming: %d split(s) done", len(done))
+    from raypath.io.progress import Progress
+
+    progress = Progress(f"mil {splits[0].protocol}" if splits else "mil", len(splits) * params.epochs, "epochs",
+                        mode=None if ctx.is_main else "off")
+    progress.skip(sum(params.epochs for s in splits if s.key in done)
+                  + (int(current.get("epoch", -1)) + 1 if current else 0))
     for split in splits:
         if split.key in done:
             continue
@@ -380,9 +386,11 @@ def run_splits(
                 done[_split.key] = st["result"]
                 cur = None
             ctx.report(metrics, checkpoint={"done": dict(done), "current": cur})
+            progress.update(note=f"{_split.name}, repeat {_split.repeat + 1}, fold {_split.fold + 1}")
 
         result = fit_split(ctx, bags, data, split, params, resume=resume, on_epoch=on_epoch, tissues=tissues)
         done[split.key] = result
+    progress.close()
     return {s.key: done[s.key] for s in splits}
 
 

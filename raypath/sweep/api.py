@@ -244,6 +244,13 @@ def build_scheduler(space: SweepSpace, n_folds: int):
 # --------------------------------------------------------------------------- run
 
 
+def _driver_callbacks(cfg: SweepConfig, sweep_dir: str) -> list:
+    """Tune callbacks that run in the driver: the progress line (and experiment tracking)."""
+    from raypath.io.progress import tune_progress
+
+    return [tune_progress(f"sweep {cfg.name}", cfg.num_samples)]
+
+
 def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     """Run (or resume) a sweep and write its outputs.
 
@@ -268,6 +275,36 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
         space.features = cfg.features
     sweep_dir = sweep_dir_of(cfg)
     tune_path = join(sweep_dir, TUNE_NAME)
+    cfg, already = _check_resume(cfg, sweep_dir, tune_path)
+    ray = ensure_ray()
+    clinical, feature_dir = load_inputs(space, cfg.workdir)
+    if feature_dir is not None:
+        space.features = feature_dir  # resolved once: trials and best_config use the folder
+    plans = make_plan(space, clinical)
+    n_folds = len(plans)
+    cfg.save(sweep_dir)
+    import yaml
+
+    atomic_write_bytes(join(sweep_dir, "space.yaml"),
+                       yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).encode())
+    _write_plan(cfg, sweep_dir, plans, clinical, already)
+    resources, max_conc, threads = trial_resources(
+        space, ray.cluster_resources(), cfg.num_samples, cfg.cpus_per_trial, cfg.gpus_per_trial,
+        cfg.max_concurrent_trials,
+    )
+    log.info("sweep %s: %d folds (held out: %s), trials request %s, up to %d at once",
+             cfg.name, n_folds, [p.held_out for p in plans], resources, max_conc)
+    ctx = TrialContext(space=space, workdir=cfg.workdir, sweep_dir=sweep_dir, name=cfg.name, plans=plans,
+                       clinical=clinical, feature_dir=feature_dir, torch_threads=threads)
+    trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
+    tuner = _tuner(cfg, trainable, space, sweep_dir, tune_path, n_folds, max_conc, already, callbacks)
+    grid = tuner.fit()
+    return write_outputs(grid, cfg, space, plans, sweep_dir, clinical)
+
+
+def _check_resume(cfg: SweepConfig, sweep_dir: str, tune_path: str) -> tuple[SweepConfig, bool]:
+    """Whether a sweep of this name exists (refused without --resume); on
+    --resume, the trial count the sweep was started with."""
     already = exists(join(tune_path, "tuner.pkl"))
     if already and not cfg.resume:
         raise RaypathError(
@@ -288,18 +325,12 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
             log.warning("sweep %s was started with --num-samples %s; Tune keeps that number on --resume "
                         "(start a new --name to run more trials)", cfg.name, n0)
             cfg = cfg.model_copy(update={"num_samples": n0})
+    return cfg, already
 
-    ray = ensure_ray()
-    clinical, feature_dir = load_inputs(space, cfg.workdir)
-    if feature_dir is not None:
-        space.features = feature_dir  # resolved once: trials and best_config use the folder
-    plans = make_plan(space, clinical)
-    n_folds = len(plans)
-    cfg.save(sweep_dir)
-    import yaml
 
-    atomic_write_bytes(join(sweep_dir, "space.yaml"),
-                       yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).encode())
+def _write_plan(cfg: SweepConfig, sweep_dir: str, plans, clinical: pd.DataFrame, already: bool) -> None:
+    """Record which slides each fold's steps see; a resumed sweep whose slides
+    changed is refused (its finished trials were scored on other folds)."""
     seen = steps_seen(plans, clinical)
     from raypath.io.storage import write_parquet_atomic
     import pyarrow as pa
@@ -316,39 +347,32 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
             )
     write_parquet_atomic(pa.Table.from_pandas(seen, preserve_index=False), plan_uri)
 
-    resources, max_conc, threads = trial_resources(
-        space, ray.cluster_resources(), cfg.num_samples, cfg.cpus_per_trial, cfg.gpus_per_trial,
-        cfg.max_concurrent_trials,
-    )
-    log.info("sweep %s: %d folds (held out: %s), trials request %s, up to %d at once",
-             cfg.name, n_folds, [p.held_out for p in plans], resources, max_conc)
-    ctx = TrialContext(space=space, workdir=cfg.workdir, sweep_dir=sweep_dir, name=cfg.name, plans=plans,
-                       clinical=clinical, feature_dir=feature_dir, torch_threads=threads)
-    trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
+
+def _tuner(cfg: SweepConfig, trainable, space, sweep_dir: str, tune_path: str, n_folds: int, max_conc: int,
+           already: bool, callbacks: list | None):
+    """A new Tuner, or the restored one on --resume."""
+    from ray import tune
 
     if already and cfg.resume:
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=build_searcher(space, cfg, sweep_dir),
-                scheduler=build_scheduler(space, n_folds),
-                num_samples=cfg.num_samples,
-                max_concurrent_trials=max_conc,
-                # one worker process per concurrent trial: torch is imported once
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=TUNE_NAME,
-                storage_path=sweep_dir,
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=callbacks,
-                verbose=1,
-            ),
-        )
-    grid = tuner.fit()
-    return write_outputs(grid, cfg, space, plans, sweep_dir, clinical)
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(space, cfg, sweep_dir),
+            scheduler=build_scheduler(space, n_folds),
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=max_conc,
+            # one worker process per concurrent trial: torch is imported once
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_NAME,
+            storage_path=sweep_dir,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[*(callbacks or []), *_driver_callbacks(cfg, sweep_dir)],
+            verbose=0,  # one progress line per finished trial instead of Tune's status tables
+        ),
+    )
 
 
 def _plan_key(seen: pd.DataFrame) -> list:

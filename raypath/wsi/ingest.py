@@ -22,10 +22,11 @@ from pydantic import Field, ValidationError
 
 from raypath.wsi.cohort import mpp_conflicts, read_cohort
 from raypath.config import StageConfig, add_config_arguments, config_from_args
-from raypath.errors import RaypathError
+from raypath.errors import EXIT_OK, EXIT_SOME_FAILED, RaypathError, failure_counts
 from raypath.schemas import SLIDE_STATUS_FAILED, SLIDE_STATUS_OK, SLIDES_META
-from raypath.wsi.slide_io import NO_MPP, SlideError, classify_exception, read_metadata
-from raypath.io.storage import S3Options, join, makedirs, write_parquet_atomic
+from raypath.wsi.slide_io import DEFAULT_MAX_DAMAGED_FRACTION, NO_MPP, SlideError, classify_exception, read_metadata
+from raypath.io.storage import (S3CacheType, S3Options, activity, as_outage, check_storage, join, makedirs,
+                                write_parquet_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,15 @@ class IngestConfig(StageConfig):
     mpp_override: float | None = Field(
         None, gt=0, description="um/px at level 0 for slides whose file and cohort row give none"
     )
-    check_pixels: bool = Field(True, description="decode a small region per level to catch codec problems")
+    check_pixels: bool = Field(True, description="decode stored tiles spread over the finest and coarsest level")
+    max_damaged_fraction: float = Field(
+        DEFAULT_MAX_DAMAGED_FRACTION, ge=0, le=1,
+        description="sampled stored tiles that may be damaged (corrupt JPEG data) before a slide is failed",
+    )
     use_ray: bool = Field(True, description="one Ray task per slide (False: inspect in this process)")
     max_in_flight: int = Field(64, ge=1, description="slides being inspected at once on the cluster")
     s3_block_size_bytes: int = Field(512 * 1024, ge=4096, description="S3 read block size")
-    s3_cache_type: str = Field("readahead", description="fsspec cache type for S3 reads")
+    s3_cache_type: S3CacheType = Field("readahead", description="fsspec cache type for S3 reads")
 
     def s3_options(self) -> S3Options:
         return S3Options.from_env(block_size_bytes=self.s3_block_size_bytes, cache_type=self.s3_cache_type)
@@ -91,11 +96,16 @@ def inspect_slide(row: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
         (``mpp_source`` says which).
     """
     uri = str(row["uri"])
+    s3 = cfg.s3_options()
     try:
-        meta = read_metadata(uri, cfg.s3_options(), check_pixels=cfg.check_pixels)
-    except Exception as e:  # every slide problem becomes a row, never a crash
-        err = classify_exception(e, uri)
+        with activity(f"ingest slide {row.get('slide_id', uri)}"):
+            meta = read_metadata(uri, s3, check_pixels=cfg.check_pixels, max_damaged_fraction=cfg.max_damaged_fraction)
+    except Exception as e:  # every slide problem becomes a row, never a crash; an outage stops the run
+        err = classify_exception(e, uri, s3)
         return _failed(str(err))
+    for d in meta.extra.get("damaged_tiles", []):
+        log.warning("ingest: slide %s: damaged stored tile (within --max-damaged-fraction): %s",
+                    row.get("slide_id", uri), d)
     out = meta.to_dict()
     out.update(status=SLIDE_STATUS_OK, error=None, mpp_source="file")
     if out["mpp_x"] is None:
@@ -117,7 +127,7 @@ def _row_payload(row: pd.Series) -> dict[str, Any]:
     return {k: (None if _missing(v) else v) for k, v in row.items() if k in ("slide_id", "uri", "mpp")}
 
 
-def _inspect_all_ray(rows: list[dict[str, Any]], cfg: IngestConfig) -> list[dict[str, Any]]:
+def _inspect_all_ray(rows: list[dict[str, Any]], cfg: IngestConfig, progress=None) -> list[dict[str, Any]]:
     from raypath.io.ray_env import ensure_ray
 
     ray = ensure_ray()
@@ -136,8 +146,18 @@ def _inspect_all_ray(rows: list[dict[str, Any]], cfg: IngestConfig) -> list[dict
             i = pending.pop(ref)
             try:
                 results[i] = ray.get(ref)
-            except Exception as e:  # a worker crash on one slide must not stop the cohort
-                results[i] = _failed(f"unreadable: the worker inspecting this slide died ({type(e).__name__})")
+            except Exception as e:  # a worker crash on one slide must not stop the cohort; an outage does
+                outage = as_outage(e, cfg.s3_options())
+                if outage is not None:
+                    for r in pending:
+                        ray.cancel(r)
+                    done_n = sum(x is not None for x in results)
+                    raise outage.with_progress(f"{done_n} of {len(rows)} slides were inspected, "
+                                               "slides.parquet was not written") from None
+                results[i] = _failed(f"unreadable: the worker inspecting this slide died ({type(e).__name__}); "
+                                     "re-run ingest; if it dies again drop the slide")
+            if progress is not None:
+                progress.update()
     return results  # type: ignore[return-value]
 
 
@@ -175,13 +195,21 @@ def ingest(cfg: IngestConfig) -> pd.DataFrame:
         ``status="failed"``.
     """
     s3 = cfg.s3_options()
+    check_storage([cfg.cohort_uri(), cfg.workdir], s3)
     cohort = read_cohort(cfg.cohort_uri(), s3)
     rows = [_row_payload(r) for _, r in cohort.iterrows()]
+    check_storage([r.get("uri") for r in rows], s3)  # once, before any slide: an outage is not a bad slide
     log.info("ingest: %d slides from %s", len(rows), cfg.cohort_uri())
-    if cfg.use_ray and len(rows) > 0:
-        metas = _inspect_all_ray(rows, cfg)
-    else:
-        metas = [inspect_slide(r, cfg) for r in rows]
+    from raypath.io.progress import Progress
+
+    with Progress("ingest", len(rows), "slides") as progress:
+        if cfg.use_ray and len(rows) > 0:
+            metas = _inspect_all_ray(rows, cfg, progress)
+        else:
+            metas = []
+            for r in rows:
+                metas.append(inspect_slide(r, cfg))
+                progress.update()
     table = slides_table(cohort, metas)
     makedirs(cfg.workdir, s3)
     out = join(cfg.workdir, SLIDES_FILE)
@@ -198,12 +226,13 @@ def ingest(cfg: IngestConfig) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame) -> str:
-    """A short text report of an ingest result (what the CLI prints)."""
+    """A short text report of an ingest result (what the CLI prints), ending with the failures by cause."""
     n_ok = int((df["status"] == SLIDE_STATUS_OK).sum())
     lines = [f"{len(df)} slides: {n_ok} ok, {len(df) - n_ok} failed"]
     for _, r in df[df["status"] != SLIDE_STATUS_OK].iterrows():
         lines.append(f"  FAILED {r['slide_id']}: {r['error']}")
     lines += [f"  MPP CONFLICT {m}" for m in mpp_conflicts(df)]
+    lines.append(failure_counts(df.loc[df["status"] != SLIDE_STATUS_OK, "error"]))
     return "\n".join(lines)
 
 
@@ -227,6 +256,6 @@ def add_cli(subparsers) -> None:
         df = ingest(cfg)
         print(summarize(df))
         print(f"wrote {join(cfg.workdir, SLIDES_FILE)}")
-        return 0 if (df["status"] == SLIDE_STATUS_OK).any() else 1
+        return EXIT_OK if (df["status"] == SLIDE_STATUS_OK).all() else EXIT_SOME_FAILED
 
     p.set_defaults(func=run)

@@ -33,9 +33,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
 from raypath.io.jsonio import to_jsonable
-from raypath.errors import RaypathError
+from raypath.errors import EXIT_SOME_FAILED, RaypathError, failure_counts
 from raypath.schemas import SLIDE_STATUS_OK, TILES, TILING_SUMMARY
 from raypath.io.storage import S3Options, atomic_write_bytes, exists, join, makedirs, read_parquet, write_parquet_atomic
+from raypath.io.storage import S3CacheType, activity, as_outage, check_storage
 from raypath.wsi.tissue import TissueParams
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class TileConfig(StageConfig):
     qc: bool = Field(True, description="write qc/<slide_id>.png per slide")
     use_ray: bool = Field(True, description="one Ray Data task per slide (False: tile in this process)")
     s3_block_size_bytes: int = Field(512 * 1024, ge=4096, description="S3 read block size")
-    s3_cache_type: str = Field("readahead", description="fsspec cache type for S3 reads")
+    s3_cache_type: S3CacheType = Field("readahead", description="fsspec cache type for S3 reads")
 
     @model_validator(mode="after")
     def _stride_or_overlap(self) -> "TileConfig":
@@ -362,8 +363,8 @@ def tile_slide(row: dict[str, Any], cfg: TileConfig) -> tuple[pa.Table, dict[str
             atomic_write_bytes(qc_uri, png, cfg.s3_options())
             summary["qc_png"] = qc_uri
         return tiles, summary
-    except Exception as e:  # one bad slide never stops the cohort
-        summary["warning"] = str(classify_exception(e, str(row["uri"])))
+    except Exception as e:  # one bad slide never stops the cohort (a storage outage does: exit 4)
+        summary["warning"] = str(classify_exception(e, str(row["uri"]), cfg.s3_options()))
         summary["status"] = STATUS_FAILED
         return empty, summary
 
@@ -373,11 +374,14 @@ def _tile_and_write(row: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
     only the summary goes back to the driver, so its memory does not grow with the tiles."""
     from raypath.wsi.tile_table import write_slide_tiles
 
-    tiles, summary = tile_slide(row, cfg)
+    with activity(f"tile slide {row['slide_id']}"):
+        tiles, summary = tile_slide(row, cfg)
     if tiles.num_rows:
         try:
             write_slide_tiles(cfg.workdir, str(row["slide_id"]), tiles, cfg.s3_options())
         except Exception as e:  # storage error: the slide is recorded as failed, the run goes on
+            if as_outage(e, cfg.s3_options()) is not None:
+                raise as_outage(e, cfg.s3_options()) from None
             summary.update(status=STATUS_FAILED, n_tiles=0,
                            warning=f"writing its tiles failed ({type(e).__name__}: {e}); re-run `raypath tile`")
     return summary
@@ -389,7 +393,7 @@ def _tile_row(item: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
     return {"slide_id": row["slide_id"], "summary_json": json.dumps(_tile_and_write(row, cfg))}
 
 
-def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
+def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig, progress=None) -> list[dict[str, Any]]:
     from raypath.io.ray_env import ensure_ray
 
     ensure_ray()
@@ -399,10 +403,15 @@ def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]
     # one block per slide -> one task per slide; slides are opened inside the task
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(_tile_row, fn_kwargs={"cfg": cfg}, num_cpus=1)
-    return list(ds.iter_rows())  # one small summary per slide, never tile rows
+    outs = []
+    for out in ds.iter_rows():  # one small summary per slide, never tile rows
+        outs.append(out)
+        if progress is not None:
+            progress.update()
+    return outs
 
 
-def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str, Any]]:
+def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig, progress=None) -> list[dict[str, Any]]:
     """One Ray task per slide, each awaited on its own: a slide that kills its
     worker (a crashing codec) becomes a ``failed`` row instead of failing the run."""
     import ray
@@ -414,21 +423,36 @@ def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig) -> list[dict[str,
         try:
             outs.append(ray.get(ref))
         except Exception as e:
+            if as_outage(e, cfg.s3_options()) is not None:
+                raise as_outage(e, cfg.s3_options()) from None
             summary = dict(slide_id=r["slide_id"], n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
                            warning=f"unreadable: the worker tiling this slide died ({type(e).__name__})", qc_png=None)
             outs.append({"slide_id": r["slide_id"], "summary_json": json.dumps(summary)})
+        if progress is not None:
+            progress.update()
     return outs
 
 
 def _tile_all(rows: list[dict[str, Any]], cfg: TileConfig) -> dict[str, dict[str, Any]]:
     """Summary per slide id; every slide's tiles are written by whoever tiled it."""
+    from raypath.io.progress import Progress
+
     if not (cfg.use_ray and rows):
-        return {r["slide_id"]: _tile_and_write(r, cfg) for r in rows}
+        local: dict[str, dict[str, Any]] = {}
+        with Progress("tile", len(rows), "slides") as progress:
+            for r in rows:
+                local[r["slide_id"]] = _tile_and_write(r, cfg)
+                progress.update()
+        return local
     try:
-        outs = _run_ray(rows, cfg)
+        with Progress("tile", len(rows), "slides") as progress:
+            outs = _run_ray(rows, cfg, progress)
     except Exception as e:  # Ray Data gives up on the dataset when a task keeps dying
+        if as_outage(e, cfg.s3_options()) is not None:  # not a dying task: stop, the re-run resumes
+            raise as_outage(e, cfg.s3_options()).with_progress("tiles.parquet is incomplete") from None
         log.warning("tile: Ray Data run failed (%s: %s); tiling slide by slide", type(e).__name__, e)
-        outs = _run_isolated(rows, cfg)
+        with Progress("tile (slide by slide)", len(rows), "slides") as progress:
+            outs = _run_isolated(rows, cfg, progress)
     return {out["slide_id"]: json.loads(out["summary_json"]) for out in outs}
 
 
@@ -460,6 +484,7 @@ def tile(cfg: TileConfig) -> pd.DataFrame:
 
     s3 = cfg.s3_options()
     slides_uri = join(cfg.workdir, "slides.parquet")
+    check_storage([cfg.workdir], s3)
     if not exists(slides_uri, s3):
         raise RaypathError(f"{slides_uri} not found: run `raypath ingest --workdir {cfg.workdir}` first")
     slides = read_parquet(slides_uri, s3).to_pandas()
@@ -469,6 +494,7 @@ def tile(cfg: TileConfig) -> pd.DataFrame:
     for r in rows:
         r["level_downsamples"] = [float(d) for d in r["level_downsamples"]]
     log.info("tile: %d of %d slides ingested ok", len(rows), len(slides))
+    check_storage([r["uri"] for r in rows], s3)
     makedirs(cfg.workdir, s3)
     if cfg.qc:
         makedirs(join(cfg.workdir, QC_DIR), s3)
@@ -506,6 +532,7 @@ def summarize(summary: pd.DataFrame) -> str:
     ]
     for _, r in summary[summary["status"] != STATUS_OK].iterrows():
         lines.append(f"  {r['status'].upper()} {r['slide_id']}: {r['warning']}")
+    lines.append(failure_counts(summary.loc[summary["status"] == STATUS_FAILED, "warning"]))
     return "\n".join(lines)
 
 
@@ -528,8 +555,9 @@ def add_cli(subparsers) -> None:
         except ValidationError as e:
             raise RaypathError(f"invalid tile options: {e}") from None
         tile(cfg)
-        print(summarize(read_summary(cfg.workdir, cfg.s3_options())))
+        summary = read_summary(cfg.workdir, cfg.s3_options())
+        print(summarize(summary))
         print(f"wrote {join(cfg.workdir, TILES_FILE)}")
-        return 0
+        return EXIT_SOME_FAILED if (summary["status"] == STATUS_FAILED).any() else 0
 
     p.set_defaults(func=run)
