@@ -116,13 +116,17 @@ class SlideReader:
                 self.slide = tiffslide.TiffSlide(path)
                 self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as e:
-            raise RaypathError(f"slide {self.uri!r} not found: check the uri in slides.parquet") from e
+            raise RaypathError(f"not_found: slide {self.uri!r} not found: check the uri in slides.parquet") from e
         except Exception as e:
-            raise RaypathError(
-                f"cannot open slide {self.uri!r} ({type(e).__name__}: {e}): re-run `raypath ingest` "
-                "to record it as failed, or drop it from the cohort"
-            ) from e
+            from raypath.wsi.slide_io import classify_exception
+
+            verdict = classify_exception(e, self.uri, s3)  # raises StorageUnavailable for an outage
+            raise RaypathError(f"{verdict}; re-run `raypath ingest` to record it, or drop it from the cohort") from e
         self._levels: dict[int, _Level | None] = {}
+        #: damaged stored tiles met so far, ``(level, index) -> what the decoder reported``
+        self.damage: dict[tuple[int, int], str] = {}
+        #: requested tiles that contain a damaged stored tile, ``tile_id -> cause`` (filled by :meth:`read`)
+        self.damaged_tiles: dict[int, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -235,7 +239,7 @@ class SlideReader:
 
     def _truncated(self, key, off: int, n: int, got: int) -> RaypathError:
         return RaypathError(
-            f"slide {self.uri!r} is truncated or corrupt: stored tile {key[1]} of level {key[0]} needs bytes "
+            f"truncated: slide {self.uri!r} is truncated or corrupt: stored tile {key[1]} of level {key[0]} needs bytes "
             f"{off}..{off + n} but only {got} could be read; re-copy the file and re-run `raypath ingest`"
         )
 
@@ -243,16 +247,19 @@ class SlideReader:
         L = self._levels[key[0]]
         if not data:  # sparse/empty stored tile: tifffile fills with 0
             return np.zeros((L.tile_h, L.tile_w, 3), np.uint8)
-        if L.jpeg:
-            import imagecodecs
+        if L.jpeg:  # libjpeg warnings (corrupt data) are reported, not hidden (raypath.wsi.jpeg)
+            from raypath.wsi.jpeg import decode_tile
 
-            arr = imagecodecs.jpeg8_decode(
-                data, tables=L.tables, colorspace=L.colorspace[0], outcolorspace=L.colorspace[1],
-                shape=(L.tile_h, L.tile_w),
-            )
+            arr, problem = decode_tile(data, L.tables, L.colorspace[0], L.colorspace[1], (L.tile_h, L.tile_w))
+            if problem is not None:
+                self.damage[key] = problem
         else:
-            seg, _, _ = L.page.decode(data, key[1], jpegtables=getattr(L.page, "jpegtables", None))
-            arr = seg[0]
+            try:
+                seg, _, _ = L.page.decode(data, key[1], jpegtables=getattr(L.page, "jpegtables", None))
+                arr = seg[0]
+            except Exception as e:  # codecs raise many types: a damaged tile, recorded
+                self.damage[key] = f"{type(e).__name__}: {e}"[:300]
+                arr = np.zeros((L.tile_h, L.tile_w, 3), np.uint8)
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         return arr[:, :, :3]
@@ -338,6 +345,8 @@ class SlideReader:
                         self._assemble_into(out[j], needs[i], cache, origin[i], lv[i])
                     else:
                         out[j] = self._assemble(i, needs[i], cache, origin[i], xs[i], ys[i], lv[i], rp[i], tp[i])
+                if self.damage:
+                    self._note_damaged(tid, needs, a, b)
                 for i in range(a, b):  # drop stored tiles no later tile needs
                     for k in needs[i] or ():
                         if last_use.get(k) == i:
@@ -347,6 +356,15 @@ class SlideReader:
             io_pool.shutdown(wait=True)
             if dec_pool is not None:
                 dec_pool.shutdown(wait=True)
+
+    def _note_damaged(self, tid: np.ndarray, needs, a: int, b: int) -> None:
+        """Record requested tiles built from a damaged stored tile (``damaged_tiles``: tile_id -> cause)."""
+        for i in range(a, b):
+            bad = [k for k in needs[i] or () if k in self.damage]
+            if bad:
+                k = bad[0]
+                self.damaged_tiles[int(tid[i])] = (
+                    f"corrupt_tile_data: stored tile {k[1]} of level {k[0]}: {self.damage[k]}")
 
     def _assemble(self, i, keys, cache, origin, x, y, level, read_px, tile_px) -> np.ndarray:
         read_px, tile_px = int(read_px), int(tile_px)
@@ -381,6 +399,7 @@ def read_tiles(
     s3: S3Options | None = None,
     batch_tiles: int = 64,
     num_threads: int = 1,
+    damaged: dict[int, str] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Read one slide's tiles, each stored tile decoded at most once.
 
@@ -397,6 +416,10 @@ def read_tiles(
         Tiles per yielded batch.
     num_threads
         Decoding threads.
+    damaged
+        If given, filled with ``tile_id -> cause`` for every tile built from a
+        stored tile whose decode raised or warned (libjpeg's "Corrupt JPEG
+        data"); such tiles are still yielded, with the decoder's best effort.
 
     Yields
     ------
@@ -405,7 +428,10 @@ def read_tiles(
         (level, y, x).
     """
     with SlideReader(slide_uri, s3=s3, num_threads=num_threads) as r:
-        yield from r.read(tiles, batch_tiles=batch_tiles)
+        for out in r.read(tiles, batch_tiles=batch_tiles):
+            if damaged is not None:
+                damaged.update(r.damaged_tiles)
+            yield out
 
 
 def decode_bound_keys(slide_uri: str, tiles: pd.DataFrame) -> list[tuple[int, int]]:
