@@ -110,6 +110,9 @@ class RobustnessConfig(StageConfig):
     gallery_clusters: int = Field(4, description="clusters shown in the gallery")
     gallery_tiles: int = Field(4, description="tiles per band (near/medium/far) in the gallery")
     seed: int = Field(0, description="seed of every random choice")
+    bootstrap_resamples: int = Field(1000, ge=0, description="--compare-to: paired bootstrap resamples over "
+                                     "patients for the CI of each difference (0 = no CI, no winner named)")
+    bootstrap_ci: float = Field(0.95, gt=0, lt=1, description="--compare-to: confidence level of the difference's CI")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -199,14 +202,31 @@ def _column(meta: pd.DataFrame, col: str) -> pd.Series | None:
     return s.astype("string")
 
 
+def tissue_units(meta: pd.DataFrame, patient_column: str = "patient_id") -> np.ndarray:
+    """The independent unit of each tile: its patient, merged with every patient
+    a ``pair_id`` links to it (technical variants of one tissue); the slide when
+    the patient is missing.  RI/CRoMa exclude neighbours of the same unit (a
+    tile's own twin is not "same biology, other centre"), the site probe's CV
+    groups by it, and comparisons resample it."""
+    from raypath.evaluation.splits import linked_groups
+
+    slides = meta["slide_id"].astype(str)
+    patients = meta[patient_column] if patient_column in meta.columns else pd.Series(pd.NA, index=meta.index)
+    frame = pd.DataFrame({"patient_id": patients.astype("string").fillna(slides).to_numpy()})
+    if "pair_id" in meta.columns:
+        frame["pair_id"] = meta["pair_id"].to_numpy()
+    return np.asarray(linked_groups(frame)).astype(str)
+
+
 def analyse(X: np.ndarray, meta: pd.DataFrame, cfg: RobustnessConfig) -> tuple[dict, dict]:
-    """Every metric on one tile sample.  Returns ``(results, arrays_for_plots)``.
+    """Every metric on one tile sample.  Returns ``(results, arrays)``: the
+    arrays feed the plots and the comparison's bootstrap
+    (:func:`raypath.robustness.bootstrap.contributions`).
 
     Metrics that need a column the cohort lacks (biology for RI/CRoMa/
     clustering score) are reported as ``{"skipped": reason}`` rather than failing.
     """
     res: dict[str, Any] = {}
-    arrays: dict[str, Any] = {}
     timings: dict[str, float] = {}
     centre = _column(meta, cfg.centre_column)
     if centre is None:
@@ -214,11 +234,9 @@ def analyse(X: np.ndarray, meta: pd.DataFrame, cfg: RobustnessConfig) -> tuple[d
             f"column {cfg.centre_column!r} missing or empty in slides.parquet: pass --centre-column "
             "with the column that names each slide's site/cohort"
         )
-    biology = _column(meta, cfg.biology_column)
     slides = meta["slide_id"].astype(str).to_numpy()
-    patients = _column(meta, cfg.patient_column)
-    patients = slides if patients is None else patients.fillna(pd.Series(slides)).to_numpy()
-    mem = int(cfg.memory_mb) * 2**20
+    units = tissue_units(meta, cfg.patient_column)
+    arrays: dict[str, Any] = {"units": units}
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -228,57 +246,76 @@ def analyse(X: np.ndarray, meta: pd.DataFrame, cfg: RobustnessConfig) -> tuple[d
 
     keep = ~centre.isna().to_numpy()
     c_all = centre.to_numpy()
-
-    # site probe
-    idx = np.flatnonzero(keep)[M.cap_per_group(slides[keep], cfg.probe_max_samples, cfg.seed)]
-    res["site_probe"] = timed("site_probe", lambda: M.site_probe(
-        X[idx], c_all[idx], patients[idx], n_splits=cfg.probe_folds, seed=cfg.seed))
-    res["site_probe"]["params"] = {"n_samples": int(len(idx)), "folds": cfg.probe_folds,
-                                   "grouped_by": cfg.patient_column}
-
-    # cohorts as clusters
-    res["cohort_clusters"] = timed("cohort_clusters", lambda: M.cohort_cluster_metrics(
-        X[keep], c_all[keep], seed=cfg.seed))
-
-    # KMeans purity
-    idx = np.flatnonzero(keep)[M.cap_per_group(slides[keep], cfg.kmeans_max_samples, cfg.seed)]
-    kp = timed("kmeans_purity", lambda: M.kmeans_purity(
-        X[idx], c_all[idx], k=cfg.kmeans_k, repeats=cfg.kmeans_repeats, seed=cfg.seed))
-    if "assign" in kp:
-        arrays["kmeans"] = {"rows": idx, "assign": kp.pop("assign"), "centres": kp.pop("centres")}
-    kp["params"] = {"max_samples": cfg.kmeans_max_samples, "n_slides": int(len(set(slides[idx])))}
-    res["kmeans_purity"] = kp
-
-    # biology-aware metrics
-    if biology is None:
-        reason = (f"biology column {cfg.biology_column!r} missing or empty: pass --biology-column "
-                  "(e.g. label or true_phenotype)")
-        for name in ("robustness_index", "croma", "clustering_score"):
-            res[name] = {"skipped": reason}
-    else:
-        keep_b = keep & ~biology.isna().to_numpy()
-        b_all = biology.to_numpy()
-        n_b = len(set(b_all[keep_b]))
-        n_c = len(set(c_all[keep_b]))
-        if n_b < 2 or n_c < 2:
-            reason = f"needs >= 2 biology classes and >= 2 centres, found {n_b} and {n_c}"
-            for name in ("robustness_index", "croma", "clustering_score"):
-                res[name] = {"skipped": reason}
-        else:
-            idx = np.flatnonzero(keep_b)[M.cap_per_group(slides[keep_b], cfg.knn_max_samples, cfg.seed)]
-            args = (X[idx], b_all[idx], c_all[idx], slides[idx])
-            res["robustness_index"] = timed("robustness_index", lambda: M.robustness_index(
-                *args, k=cfg.knn_k, k_candidates=cfg.knn_k_candidates, memory_bytes=mem))
-            per_tile = timed("croma", lambda: M.croma_per_sample(*args, m=cfg.croma_m, memory_bytes=mem))
-            res["croma"] = {**M.croma_summary(per_tile), "m": cfg.croma_m}
-            arrays["croma"] = per_tile
-            idx_c = np.flatnonzero(keep_b)[M.cap_per_group(slides[keep_b], cfg.cluster_max_samples, cfg.seed)]
-            res["clustering_score"] = timed("clustering_score", lambda: M.clustering_score(
-                X[idx_c], b_all[idx_c], c_all[idx_c], k=cfg.cluster_score_k, seed=cfg.seed))
-            res["clustering_score"]["n_samples"] = int(len(idx_c))
+    _site_metrics(X, c_all, keep, slides, units, cfg, res, arrays, timed)
+    _biology_metrics(X, meta, c_all, keep, slides, units, cfg, res, arrays, timed)
     res["timings_s"] = timings
     res["headline"] = headline(res)
     return res, arrays
+
+
+def _site_metrics(X, c_all, keep, slides, units, cfg, res, arrays, timed) -> None:
+    """Site probe, cohorts as clusters, KMeans purity (need the centre only)."""
+    idx = np.flatnonzero(keep)[M.cap_per_group(slides[keep], cfg.probe_max_samples, cfg.seed)]
+    probe = timed("site_probe", lambda: M.site_probe(
+        X[idx], c_all[idx], units[idx], n_splits=cfg.probe_folds, seed=cfg.seed))
+    if "oof_pred" in probe:
+        arrays["probe"] = {"rows": idx, "pred": probe.pop("oof_pred"), "y": probe.pop("y")}
+    probe["params"] = {"n_samples": int(len(idx)), "folds": cfg.probe_folds,
+                       "grouped_by": f"{cfg.patient_column} (+ pair_id links)"}
+    res["site_probe"] = probe
+
+    rows = np.flatnonzero(keep)
+    cc = timed("cohort_clusters", lambda: M.cohort_cluster_metrics(X[keep], c_all[keep], seed=cfg.seed))
+    if "silhouette_rows" in cc:
+        arrays["silhouette"] = {"rows": rows[cc.pop("silhouette_rows")], "values": cc.pop("silhouette_per_sample")}
+        arrays["ch"] = {"rows": rows, "centre": c_all[keep]}
+    res["cohort_clusters"] = cc
+
+    idx = rows[M.cap_per_group(slides[keep], cfg.kmeans_max_samples, cfg.seed)]
+    kp = timed("kmeans_purity", lambda: M.kmeans_purity(
+        X[idx], c_all[idx], k=cfg.kmeans_k, repeats=cfg.kmeans_repeats, seed=cfg.seed))
+    if "assign" in kp:
+        arrays["kmeans"] = {"rows": idx, "assign": kp.pop("assign"), "centres": kp.pop("centres"),
+                            "assign_all": kp.pop("assign_all"), "centre": M.codes(c_all[idx])[0], "k": kp["k"]}
+    kp["params"] = {"max_samples": cfg.kmeans_max_samples, "n_slides": int(len(set(slides[idx])))}
+    res["kmeans_purity"] = kp
+
+
+def _biology_metrics(X, meta, c_all, keep, slides, units, cfg, res, arrays, timed) -> None:
+    """RI, CRoMa and the clustering score (need a biology column); neighbours
+    of the same patient / pair_id are excluded, not only those of the same slide."""
+    biology = _column(meta, cfg.biology_column)
+    names = ("robustness_index", "croma", "clustering_score")
+    if biology is None:
+        reason = (f"biology column {cfg.biology_column!r} missing or empty: pass --biology-column "
+                  "(e.g. label or true_phenotype)")
+        res.update({name: {"skipped": reason} for name in names})
+        return
+    keep_b = keep & ~biology.isna().to_numpy()
+    b_all = biology.to_numpy()
+    n_b, n_c = len(set(b_all[keep_b])), len(set(c_all[keep_b]))
+    if n_b < 2 or n_c < 2:
+        reason = f"needs >= 2 biology classes and >= 2 centres, found {n_b} and {n_c}"
+        res.update({name: {"skipped": reason} for name in names})
+        return
+    mem = int(cfg.memory_mb) * 2**20
+    idx = np.flatnonzero(keep_b)[M.cap_per_group(slides[keep_b], cfg.knn_max_samples, cfg.seed)]
+    args = (X[idx], b_all[idx], c_all[idx], units[idx])
+    ri = timed("robustness_index", lambda: M.robustness_index(
+        *args, k=cfg.knn_k, k_candidates=cfg.knn_k_candidates, memory_bytes=mem))
+    arrays["ri"] = {"rows": idx, "so": ri.pop("so_per_sample"), "os": ri.pop("os_per_sample")}
+    ri["grouped_by"] = f"{cfg.patient_column} (+ pair_id links)"
+    res["robustness_index"] = ri
+    per_tile = timed("croma", lambda: M.croma_per_sample(*args, m=cfg.croma_m, memory_bytes=mem))
+    res["croma"] = {**M.croma_summary(per_tile), "m": cfg.croma_m}
+    arrays["croma"], arrays["croma_rows"] = per_tile, idx
+    idx_c = np.flatnonzero(keep_b)[M.cap_per_group(slides[keep_b], cfg.cluster_max_samples, cfg.seed)]
+    cs = timed("clustering_score", lambda: M.clustering_score(
+        X[idx_c], b_all[idx_c], c_all[idx_c], k=cfg.cluster_score_k, seed=cfg.seed))
+    arrays["clustering"] = {"rows": idx_c, "assign": cs.pop("assign"), "biology": M.codes(b_all[idx_c])[0],
+                            "centre": M.codes(c_all[idx_c])[0]}
+    cs["n_samples"] = int(len(idx_c))
+    res["clustering_score"] = cs
 
 
 def _get(d: dict, path: tuple[str, ...]):
@@ -424,7 +461,7 @@ def _run_dir(cfg: RobustnessConfig, feature_dir: str) -> tuple[str, str]:
 
 
 def _one(cfg: RobustnessConfig, feature_dir: str, slides: pd.DataFrame, out_dir: str, label: str,
-         slide_ids: list[str] | None, s3: S3Options | None) -> dict:
+         slide_ids: list[str] | None, s3: S3Options | None, sink: dict | None = None) -> dict:
     t0 = time.perf_counter()
     # the largest sample any metric draws: more tiles would only cost memory
     max_total = max(cfg.kmeans_max_samples, cfg.knn_max_samples, cfg.probe_max_samples,
@@ -453,6 +490,10 @@ def _one(cfg: RobustnessConfig, feature_dir: str, slides: pd.DataFrame, out_dir:
     }
     if cfg.plots:
         doc["plots_skipped"] = draw_plots(X, meta, doc["metrics"], arrays, cfg, out_dir, label, s3)
+    if sink is not None:  # per-tile contributions for a comparison's bootstrap (nothing refitted later)
+        from raypath.robustness.bootstrap import contributions
+
+        sink["contributions"] = contributions(X, arrays)
     doc["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     write_json(join(out_dir, RESULT_FILE), doc, s3)
     return to_jsonable(doc)
@@ -486,7 +527,7 @@ def run_robustness(cfg: RobustnessConfig, s3: S3Options | None = None) -> dict:
 
 def compare(
     feature_dir_a: str,
-    feature_dir_b: str,
+    feature_dir_b: str | list[str],
     cfg: RobustnessConfig,
     label_a: str = "A",
     label_b: str = "B",
@@ -494,44 +535,79 @@ def compare(
 ) -> dict:
     """The same analysis on two feature stores over the same slides and tiles.
 
-    Slides present in both stores are analysed, with the same random tiles
+    Slides present in every store are analysed, with the same random tiles
     (same seed, same slides) when the stores hold the same tiles.  Writes
     ``runs/<run>/comparison.json`` with ``a``, ``b`` (full results, also in
-    ``a/`` and ``b/`` with their plots) and ``delta`` (B - A for each
-    headline number, with the direction that means "more robust").
+    ``a/`` and ``b/`` with their plots) and ``delta``: for each headline
+    number B - A, its 95 % CI from a paired bootstrap over patients
+    (:mod:`raypath.robustness.bootstrap`) and ``more_robust``: ``"a"`` /
+    ``"b"`` only when the CI excludes 0, ``"tie"`` when it contains 0.
+
+    ``feature_dir_b`` may be a list (e.g. one store per LODO fold, each
+    embedded with that fold's adapter): B is then the mean over them of each
+    metric, and the bootstrap resamples the mean difference.
     """
     fa = resolve_feature_dir(cfg.workdir, feature_dir_a)
-    fb = resolve_feature_dir(cfg.workdir, feature_dir_b)
-    ka, kb = (f.rstrip("/").rsplit("/", 1)[-1] for f in (fa, fb))
+    many = isinstance(feature_dir_b, (list, tuple))
+    fbs = [resolve_feature_dir(cfg.workdir, f) for f in (feature_dir_b if many else [feature_dir_b])]
+    ka, kb = (f.rstrip("/").rsplit("/", 1)[-1] for f in (fa, fbs[0]))
     run = cfg.run or f"compare-{ka}-vs-{kb}"
     out_dir = join(cfg.workdir, "runs", run)
     cfg = cfg.model_copy(update={"run": run})
     slides = load_slides(cfg.workdir, s3)
-    common = sorted(set(FeatureStore(fa, s3).slide_ids()) & set(FeatureStore(fb, s3).slide_ids())
-                    & set(slides["slide_id"].astype(str)))
+    common = set(FeatureStore(fa, s3).slide_ids()) & set(slides["slide_id"].astype(str))
+    for fb in fbs:
+        common &= set(FeatureStore(fb, s3).slide_ids())
+    common = sorted(common)
     if not common:
-        raise RaypathError(f"{fa!r} and {fb!r} share no slide listed in slides.parquet: embed the same slides")
+        raise RaypathError(f"{fa!r} and {fbs} share no slide listed in slides.parquet: embed the same slides")
     cfg.save(out_dir)
-    a = _one(cfg, fa, slides, join(out_dir, "a"), label_a or ka, common, s3)
-    b = _one(cfg, fb, slides, join(out_dir, "b"), label_b or kb, common, s3)
-    delta = {}
-    for key, _path, direction in HEADLINE:
-        va, vb = a["headline"].get(key), b["headline"].get(key)
-        d = (vb - va) if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
-        better = None
-        if d is not None and direction and d != 0:
-            better = "b" if (d < 0) == (direction == "lower") else "a"
-        delta[key] = {"a": va, "b": vb, "delta": d, "more_robust_if": direction, "more_robust": better}
+    sink_a: dict = {}
+    a = _one(cfg, fa, slides, join(out_dir, "a"), label_a or ka, common, s3, sink_a)
+    bs, sinks = [], []
+    for i, fb in enumerate(fbs):
+        sinks.append({})
+        sub = "b" if not many else f"b/{i}"
+        bs.append(_one(cfg, fb, slides, join(out_dir, sub), label_b or kb, common, s3, sinks[-1]))
+    delta = compare_deltas(a, bs, sink_a, sinks, cfg)
     doc = {
         "stage": "robustness-compare",
         "raypath_version": __version__,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "labels": {"a": a["label"], "b": b["label"]},
-        "feature_dirs": {"a": fa, "b": fb},
+        "labels": {"a": a["label"], "b": bs[0]["label"]},
+        "feature_dirs": {"a": fa, "b": fbs if many else fbs[0]},
         "n_common_slides": len(common),
         "delta": delta,
+        "uncertainty": (f"95 % CI of B - A: paired bootstrap over patients ({cfg.bootstrap_resamples} resamples, "
+                        "per-tile contributions, nothing refitted); 'tie' when the CI contains 0").replace(
+                            "95 %", f"{cfg.bootstrap_ci:.0%}"),
         "a": a,
-        "b": b,
+        "b": bs[0] if not many else {"headline": {k: d["b"] for k, d in delta.items()}, "label": bs[0]["label"],
+                                     "per_store": bs, "note": f"mean over {len(bs)} feature stores"},
     }
     write_json(join(out_dir, COMPARISON_FILE), doc, s3)
     return {**to_jsonable(doc), "run_dir": out_dir}
+
+
+def compare_deltas(a: dict, bs: list[dict], sink_a: dict, sinks: list[dict], cfg: RobustnessConfig) -> dict:
+    """Per headline number: A, B (mean over ``bs``), B - A, its CI and the verdict."""
+    from raypath.robustness import bootstrap as BT
+
+    boot = {}
+    if cfg.bootstrap_resamples > 0:
+        boot = BT.paired_bootstrap(sink_a.get("contributions", {}), [s.get("contributions", {}) for s in sinks],
+                                   n_boot=cfg.bootstrap_resamples, ci=cfg.bootstrap_ci, seed=cfg.seed)
+    delta = {}
+    for key, _path, direction in HEADLINE:
+        va = a["headline"].get(key)
+        vals = [b["headline"].get(key) for b in bs]
+        vb = float(np.mean(vals)) if all(isinstance(v, (int, float)) for v in vals) else None
+        d = (vb - va) if isinstance(va, (int, float)) and vb is not None else None
+        ci = boot.get(key, {})
+        entry = {"a": va, "b": vb, "delta": d, "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
+                 "n_boot": ci.get("n_boot"), "more_robust_if": direction,
+                 "more_robust": BT.verdict(d, ci.get("ci_low"), ci.get("ci_high"), direction) if ci else None}
+        if direction and d is not None and not ci:
+            entry["note"] = BT.NOT_RESAMPLED.get(key, "no bootstrap CI (bootstrap_resamples = 0): no winner named")
+        delta[key] = entry
+    return delta

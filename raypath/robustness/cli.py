@@ -36,17 +36,30 @@ def _main(args: argparse.Namespace) -> int:
         print(f"wrote {out['run_dir']}")
         rows = summary.get("headline") or {k: v["b"] for k, v in summary["delta"].items()}
         if "delta" in summary:
-            print(f"{'metric':34s} {summary['labels']['a']:>12s} {summary['labels']['b']:>12s}  more robust")
-            for k, d in summary["delta"].items():
-                fa = "-" if d["a"] is None else f"{d['a']:.4g}"
-                fb = "-" if d["b"] is None else f"{d['b']:.4g}"
-                who = {"a": summary["labels"]["a"], "b": summary["labels"]["b"]}.get(d["more_robust"], "")
-                print(f"{k:34s} {fa:>12s} {fb:>12s}  {who}")
+            print(comparison_text(summary))
         else:
             for k, v in rows.items():
                 print(f"{k:34s} {'-' if v is None else format(v, '.4g')}")
         print(f"render it: raypath report {out['run_dir']}")
     return 0
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def comparison_text(summary: dict) -> str:
+    """The comparison as a table: A, B, B - A with its 95 % CI, and the more
+    robust side only when the CI excludes 0 ("tie" otherwise)."""
+    la, lb = summary["labels"]["a"], summary["labels"]["b"]
+    lines = [f"{'metric':34s} {la:>10s} {lb:>10s} {'B - A':>10s}  {'95% CI':>21s}  more robust"]
+    for k, d in summary["delta"].items():
+        if not d.get("more_robust_if"):
+            continue  # chance levels and k: reference values, no verdict
+        ci = "" if d.get("ci_low") is None else f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+        who = {"a": la, "b": lb, "tie": "tie (CI contains 0)"}.get(d.get("more_robust"), "n/a (no CI)")
+        lines.append(f"{k:34s} {_num(d['a']):>10s} {_num(d['b']):>10s} {_num(d['delta']):>10s}  {ci:>21s}  {who}")
+    return "\n".join(lines)
 
 
 def add_cli(subparsers) -> None:

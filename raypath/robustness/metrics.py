@@ -291,6 +291,9 @@ def robustness_index(
         k_sel, how = int(k), "fixed"
     ri, s, o, support = ri_at(k_sel)
     return {
+        # per-tile SO / OS counts at k (a bootstrap over patients resamples these, never the neighbours)
+        "so_per_sample": so[:, k_sel - 1].copy(),
+        "os_per_sample": os_[:, k_sel - 1].copy(),
         "ri": ri,
         "chance": robustness_index_chance(biology, centre, groups),
         "k": k_sel,
@@ -446,6 +449,8 @@ def site_probe(
         fold_ba.append(balanced_accuracy(y[test], pred[test]) if len(np.unique(y[test])) > 1 else None)
     return {
         "balanced_accuracy": balanced_accuracy(y, pred),
+        "oof_pred": pred,  # out-of-fold prediction per row (resampled by the comparison's bootstrap)
+        "y": y,
         "chance": 1.0 / n_classes,
         "n_splits": splits,
         "fold_balanced_accuracy": fold_ba,
@@ -490,7 +495,7 @@ def cohort_cluster_metrics(
         below = cohorts mixed), ``calinski_harabasz`` (higher = cohorts more
         separated), ``davies_bouldin`` (lower = more separated).
     """
-    from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
+    from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
 
     Xn = l2_normalise(X)
     y, levels = codes(centre)
@@ -509,20 +514,34 @@ def cohort_cluster_metrics(
     between = _mean_pairwise_distance(cent)
     within_mean = float(np.mean(list(within.values())))
     n_sil = min(len(Xn), silhouette_max_samples)
+    sil_rows, sil_values = silhouette_per_sample(Xn, y, n_sil, seed)
     return {
         "within_cohort_distance": within_mean,
         "within_cohort_distance_per_cohort": within,
         "between_centroid_distance": between,
         "between_within_ratio": between / within_mean if within_mean > 0 else None,
-        "silhouette": float(
-            silhouette_score(Xn, y, sample_size=n_sil if n_sil < len(Xn) else None, random_state=seed)
-        ),
+        "silhouette": float(np.mean(sil_values)),
+        "silhouette_rows": sil_rows,
+        "silhouette_per_sample": sil_values,
         "silhouette_n_samples": int(n_sil),
         "calinski_harabasz": float(calinski_harabasz_score(Xn, y)),
         "davies_bouldin": float(davies_bouldin_score(Xn, y)),
         "n_samples": int(len(Xn)),
         "n_cohorts": len(levels),
     }
+
+
+def silhouette_per_sample(Xn: np.ndarray, y: np.ndarray, n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, values)``: per-sample silhouette on the subsample
+    ``sklearn.metrics.silhouette_score(..., sample_size=n_samples, random_state=seed)``
+    draws, so ``values.mean()`` is that score exactly (all rows when ``n_samples >= N``)."""
+    from sklearn.metrics import silhouette_samples
+    from sklearn.utils import check_random_state
+
+    rows = np.arange(len(Xn))
+    if n_samples < len(Xn):
+        rows = check_random_state(seed).permutation(len(Xn))[:n_samples]
+    return rows, silhouette_samples(Xn[rows], np.asarray(y)[rows])
 
 
 # --------------------------------------------------------------------------- KMeans purity
@@ -598,11 +617,12 @@ def kmeans_purity(
         return {"skipped": f"KMeans purity needs >= 4 tiles, found {n}"}
     k_used = effective_kmeans_k(k, n, min_cluster_size)
     rng = np.random.default_rng(seed)
-    per_repeat, chance = [], []
+    per_repeat, chance, assign_all = [], [], []
     first = None
     for r in range(int(repeats)):
         km = _kmeans(Xn, k_used, seed + r)
         assign = km.labels_.astype(np.int64)
+        assign_all.append(assign)
         p, per_cluster, counts = cluster_purity(assign, y, k_used)
         per_repeat.append(p)
         for _ in range(int(n_permutations)):
@@ -629,6 +649,7 @@ def kmeans_purity(
             "counts": counts.tolist(),
         },
         "assign": assign,
+        "assign_all": np.stack(assign_all),  # [repeats, N]: fixed clusters for the comparison's bootstrap
         "centres": centres_,
     }
 
@@ -685,4 +706,5 @@ def clustering_score(
         "k_selection": how,
         "silhouette_by_k": {str(kv): v for kv, v in sil.items()},
         "n_samples": int(n),
+        "assign": np.asarray(assign, dtype=np.int64),
     }
