@@ -59,6 +59,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"raypath {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--plugin", action="append", metavar="MODULE:ATTR",
+        help="load a plugin (a private model, MIL head or loss; repeatable; anywhere on the line; also "
+        "RAYPATH_PLUGINS and the 'raypath.plugins' entry points): docs/ARCHITECTURE.md 'Extension points'",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     verb = _requested_verb(argv)
     loaded = VERBS[verb][0] if verb else None
@@ -70,8 +75,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _pop_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``--plugin SPEC`` / ``--plugin=SPEC`` options, and the specs."""
+    rest, specs, it = [], [], iter(argv)
+    for tok in it:
+        if tok == "--plugin":
+            specs.append(next(it, ""))
+        elif tok.startswith("--plugin="):
+            specs.append(tok.split("=", 1)[1])
+        else:
+            rest.append(tok)
+    return rest, specs
+
+
+def _load_plugins(specs: list[str]) -> None:
+    """Load plugins before the verb's parser (their models/heads/losses are valid choices) and
+    export them to RAYPATH_PLUGINS, so the Ray workers this command starts load them too."""
+    from raypath.plugins import export_to_env, load_plugins
+
+    export_to_env(load_plugins(specs))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, plugins = _pop_plugins(argv)
+    if _requested_verb(argv):
+        try:
+            _load_plugins(plugins)
+        except RaypathError as e:
+            return _fail(_requested_verb(argv), e, e.exit_code)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     from raypath.io.quiet import configure_cli_logging

@@ -47,6 +47,7 @@ _FORWARDED_ENV = (
     "RAYPATH_S3_RETRY_TOTAL_S",
     "RAYPATH_S3_CONNECT_TIMEOUT_S",
     "RAYPATH_S3_READ_TIMEOUT_S",
+    "RAYPATH_PLUGINS",  # plugin specs (module paths, never secrets): raypath.plugins
 )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raypath.config import StageConfig
 from raypath.train.precision import AMP_HELP
@@ -45,9 +45,10 @@ class MilConfig(StageConfig):
     )
     task: Literal["survival", "classification"] = Field("survival", description="what to predict")
     protocol: Literal["lodo", "internal", "pairwise"] = Field("lodo", description="evaluation protocol")
-    model: Literal["abmil", "clam"] = Field("abmil", description="MIL head")
-    loss: Literal["cox", "nll", "ce"] | None = Field(
-        None, description="objective (default: cox for survival, ce for classification)"
+    model: str = Field("abmil", description="MIL head: abmil, clam, or one a plugin registers (--plugin)")
+    loss: str | None = Field(
+        None, description="objective: cox, nll (survival), ce (classification) or a plugin's "
+        "(default: cox for survival, ce for classification)"
     )
     epochs: int = Field(50, ge=0, description="training epochs per fold")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
@@ -83,6 +84,27 @@ class MilConfig(StageConfig):
     variant_batches: bool | None = Field(
         None, description="pair-aware batches, two views per tissue per step (default: when a lambda > 0)"
     )
+
+    @field_validator("model")
+    @classmethod
+    def _known_head(cls, v: str) -> str:
+        from raypath.mil.models import MODELS
+        from raypath.plugins import mil_head_names
+
+        if v not in MODELS and v not in mil_head_names():
+            raise ValueError(f"unknown MIL head {v!r}: use {', '.join(MODELS + tuple(mil_head_names()))} "
+                             "or register one with a plugin (--plugin module:attr)")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str | None) -> str | None:
+        from raypath.plugins import loss_names
+
+        if v is not None and v not in ("cox", "nll", "ce") and v not in loss_names():
+            raise ValueError(f"unknown loss {v!r}: use cox, nll, ce{''.join(', ' + n for n in loss_names())} "
+                             "or register one with a plugin (--plugin module:attr)")
+        return v
 
     def run_name(self) -> str:
         return self.run or f"mil-{self.task}-{self.protocol}"

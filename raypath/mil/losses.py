@@ -168,7 +168,15 @@ def make_objective(
     nll_alpha: float = 0.4,
     cox_reduction: str = "batch",
 ) -> Objective:
-    """Build the objective ``name`` for ``task`` (pluggable into the training loop)."""
+    """Build the objective ``name`` for ``task`` (pluggable into the training loop);
+    a name registered by a plugin (:func:`raypath.plugins.register_loss`) builds that one."""
+    if name not in ("cox", "nll", "ce"):
+        from raypath.plugins import loss
+
+        factory = loss(name)
+        if factory is not None:
+            return factory(task=task, n_classes=n_classes, n_bins=n_bins, nll_alpha=nll_alpha,
+                           cox_reduction=cox_reduction)
     if task == "survival":
         if name == "cox":
             return Objective(

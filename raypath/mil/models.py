@@ -132,5 +132,12 @@ def build_model(name: str, in_dim: int, out_dim: int, **kw) -> nn.Module:
     if name == "clam":
         return ClamGated(in_dim, out_dim, **kw)
     from raypath.errors import RaypathError
+    from raypath.plugins import mil_head, mil_head_names
 
-    raise RaypathError(f"unknown MIL model {name!r}: choose one of {', '.join(MODELS)}")
+    factory = mil_head(name)  # a head registered by a plugin (raypath.plugins)
+    if factory is not None:
+        return factory(in_dim, out_dim, **kw)
+    raise RaypathError(
+        f"unknown MIL model {name!r}: choose one of {', '.join(MODELS + tuple(mil_head_names()))}, "
+        "or register yours with a plugin (--plugin module:attr)"
+    )

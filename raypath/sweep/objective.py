@@ -85,6 +85,11 @@ def _embed_stage(settings: dict, plan: FoldPlan, adapter_dir: str, feature_dir: 
     failed = res.slides[res.slides["status"] == "failed"] if len(res.slides) else res.slides
     if len(failed):
         raise RaypathError(f"embedding failed for slides {failed['slide_id'].tolist()[:5]}")
+    from raypath.embed.identity import check_store, derive_identity
+
+    # the fold's features must be this fold's adapter's (the one feature identity)
+    want = derive_identity(cfg.model, cfg.weights, adapter_dir)
+    check_store(res.feature_dir, {k: getattr(want, k) for k in ("model", "weights_sha256", "adapter_sha256")})
     return res.feature_dir
 
 
