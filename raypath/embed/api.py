@@ -50,7 +50,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
-from raypath.errors import RaypathError
+from raypath.errors import EXIT_SOME_FAILED, RaypathError, cause_of, failure_counts
 from raypath.embed.store import (
     CACHE_KEY_META,
     MANIFEST_VERSION,
@@ -69,6 +69,8 @@ from raypath.embed.identity import (  # noqa: F401 (make_model_key: API)
 )
 from raypath.fm.registry import ModelSpec
 from raypath.io.storage import S3Options, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol
+from raypath.io.storage import activity, as_outage, check_storage
+from raypath.embed.preflight import check_resources, check_weights
 from raypath.wsi.tile_table import read_slide_tiles, tile_index, tiles_hash  # noqa: F401 (tiles_hash: API)
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,13 @@ class EmbedConfig(StageConfig):
         0.33, ge=0, le=1, description="augmentation strength of the generated views (0 weak, 1/3 strong, 1 max)"
     )
     variant_seed: int = Field(0, description="seed of the generated views' draws")
+    damaged_tiles: Literal["skip", "keep"] = Field(
+        "skip", description="tiles whose JPEG data is damaged (decode raised or warned): recorded in manifest.json, "
+        "then left out of the features (skip) or embedded with the decoder's best effort (keep)",
+    )
+    max_damaged_fraction: float = Field(
+        0.05, ge=0, le=1, description="a slide with more damaged tiles than this is failed (corrupt_tile_data)"
+    )
 
     def s3_options(self) -> S3Options:
         return S3Options.from_env()
@@ -176,7 +185,18 @@ def _error_row(slide_id: str, tile_px: int, msg: str) -> dict[str, np.ndarray]:
         "y": np.array([0], np.int64),
         "image": np.zeros((1, tile_px, tile_px, 3), np.uint8),
         "error": np.array([msg[:2000]], dtype=object),
+        "damage": np.array([""], dtype=object),
     }
+
+
+def _read_failure(e: BaseException, uri: str, s3: S3Options | None) -> str:
+    """A read failure as ``"<cause>: ... ; <remedy>"``; an outage raises :class:`StorageUnavailable` instead."""
+    from raypath.wsi.slide_io import SlideError, classify_exception
+
+    verdict = classify_exception(e, uri, s3)  # raises for an outage: the run stops, the slide is not blamed
+    if isinstance(e, RaypathError) and not isinstance(e, SlideError) and cause_of(str(e)) not in ("other", "unknown"):
+        return str(e)  # the reader's own message already starts with its cause
+    return str(verdict)
 
 
 def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size: int,
@@ -185,20 +205,24 @@ def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size:
     from raypath.wsi.reader import read_tiles
 
     pos = tiles.set_index("tile_id")[["x", "y"]]
+    damaged: dict[int, str] = {}  # tile_id -> cause, filled by the reader (raypath.wsi.jpeg)
     try:
-        for tid, imgs in read_tiles(uri, tiles, s3=s3, batch_tiles=batch_size, num_threads=num_threads):
-            xy = pos.loc[tid].to_numpy(np.int64)
-            yield {
-                "slide_id": np.full(len(tid), slide_id, dtype=object),
-                "tile_id": tid,
-                "x": xy[:, 0],
-                "y": xy[:, 1],
-                "image": imgs,
-                "error": np.full(len(tid), "", dtype=object),
-            }
-    except Exception as e:  # a bad slide is recorded, never stops the run
+        with activity(f"embed slide {slide_id}"):
+            for tid, imgs in read_tiles(uri, tiles, s3=s3, batch_tiles=batch_size, num_threads=num_threads,
+                                        damaged=damaged):
+                xy = pos.loc[tid].to_numpy(np.int64)
+                yield {
+                    "slide_id": np.full(len(tid), slide_id, dtype=object),
+                    "tile_id": tid,
+                    "x": xy[:, 0],
+                    "y": xy[:, 1],
+                    "image": imgs,
+                    "error": np.full(len(tid), "", dtype=object),
+                    "damage": np.array([damaged.get(int(t), "") for t in tid], dtype=object),
+                }
+    except Exception as e:  # a bad slide is recorded, never stops the run (an outage does: exit 4)
         px = int(tiles["tile_px"].iloc[0]) if len(tiles) else 224
-        msg = f"{type(e).__name__}: {e}"
+        msg = _read_failure(e, uri, s3)
         log.warning("embed: slide %s failed while reading: %s", slide_id, msg)
         yield _error_row(slide_id, px, msg)
 
@@ -211,7 +235,10 @@ def read_planned_slide(slide_id: str, uri: str, workdir: str, tiles_sha256: str,
     try:
         tiles = read_slide_tiles(workdir, slide_id, s3, columns=list(_TILE_COLS)).sort_values("tile_id")
     except Exception as e:
-        yield _error_row(slide_id, tile_px, f"reading its rows of tiles.parquet failed ({type(e).__name__}: {e})")
+        if as_outage(e, s3) is not None:
+            raise as_outage(e, s3) from None
+        yield _error_row(slide_id, tile_px, f"unreadable: reading its rows of tiles.parquet failed "
+                         f"({type(e).__name__}: {e}); re-run `raypath tile`")
         return
     if tiles_hash(tiles) != tiles_sha256:
         yield _error_row(slide_id, tile_px, "tiles.parquet changed since the run was planned (re-tiled?): "
@@ -343,6 +370,7 @@ class EmbedActor:
             "y": batch["y"],
             "embedding": emb,
             "error": err,
+            "damage": batch["damage"] if "damage" in batch else np.full(len(err), "", dtype=object),
         }
 
 
@@ -415,11 +443,26 @@ def _slide_entry(slide, ix, ident: ModelIdentity, dtype: str) -> dict:
     }
 
 
+def _read_manifest_or_fallback(feature_dir: str, s3: S3Options) -> dict:
+    """``manifest.json``, or ``{}`` when it is corrupt: each slide file carries its own cache key
+    (parquet metadata), so nothing is lost; the run rewrites the manifest."""
+    try:
+        manifest = read_manifest(feature_dir, s3)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("embed: %s/manifest.json is corrupt (%s); using the cache keys stored in each slide file "
+                    "and rewriting it", feature_dir, type(e).__name__)
+        return {}
+    if not isinstance(manifest, dict):
+        log.warning("embed: %s/manifest.json is not a JSON object; rewriting it", feature_dir)
+        return {}
+    return manifest
+
+
 def plan_embed(cfg: EmbedConfig, ident: ModelIdentity, feature_dir: str, s3: S3Options) -> EmbedPlan:
     """Which slides to embed, from per-slide tile counts and hashes (no tile row is loaded here)."""
     slides, index = _load_inputs(cfg, s3)
     by_slide = {str(r.slide_id): r for r in index.itertuples(index=False)}
-    manifest = read_manifest(feature_dir, s3)
+    manifest = _read_manifest_or_fallback(feature_dir, s3)
     if manifest.get("model_key") not in (None, ident.model_key):
         log.warning("embed: %s held %s; entries of other models are dropped", feature_dir, manifest.get("model_key"))
         manifest = {}
@@ -434,7 +477,9 @@ def plan_embed(cfg: EmbedConfig, ident: ModelIdentity, feature_dir: str, s3: S3O
         entry = _slide_entry(r, ix, ident, cfg.dtype)
         up_to_date = False
         if not cfg.force and sid in present:
-            if plan.entries.get(sid, {}).get("cache_key") == entry["cache_key"]:
+            old = plan.entries.get(sid, {})
+            same_policy = old.get("damaged_policy", cfg.damaged_tiles) == cfg.damaged_tiles  # skip/keep changed
+            if old.get("cache_key") == entry["cache_key"] and same_policy:
                 up_to_date = True
             elif file_cache_key(feature_dir, sid, s3) == entry["cache_key"]:  # written before a crash
                 up_to_date = True
@@ -491,10 +536,15 @@ class _Collector:
         self.pending: list[tuple[str, Future]] = []
         self.last_flush = time.perf_counter()
         self.tiles_done = 0
+        self.damaged: dict[str, dict[str, str]] = {}  # slide -> {tile_id: cause} (decode raised or warned)
+        self.outage = None  # a StorageUnavailable met while writing: the run stops
 
     def flush(self) -> None:
         doc = dict(self.base, identity=identity_doc(self.ident, self.entries, self.target_mpp),
                    slides=dict(sorted(self.entries.items())), failed=dict(sorted(self.failed.items())))
+        bad = {sid: d for sid, d in self.damaged.items() if sid in self.failed}
+        if bad:  # damaged tiles of slides that failed for them (those of written slides are in their entry)
+            doc["failed_damaged_tiles"] = dict(sorted(bad.items()))
         write_manifest(self.feature_dir, doc, self.s3)
 
     def reap(self, block: bool = False) -> None:
@@ -506,11 +556,14 @@ class _Collector:
                     self.entries[sid] = self.entry_of[sid]
                     self.progress.done += 1
                 except Exception as e:  # storage errors: recorded, the slide is retried next run
-                    self.failed[sid] = f"write failed: {type(e).__name__}: {e}"
+                    self.outage = self.outage or as_outage(e, self.s3)
+                    self.failed[sid] = f"unreadable: writing its features failed ({type(e).__name__}: {e}); re-run"
                     self.progress.failed += 1
             else:
                 keep.append((sid, fut))
         self.pending[:] = keep
+        if self.outage is not None:
+            raise self.outage
         if block or time.perf_counter() - self.last_flush > 5.0:
             self.flush()
             self.last_flush = time.perf_counter()
@@ -530,7 +583,7 @@ class _Collector:
                 self.progress.failed += 1
                 log.warning("embed: slide %s failed: %s", sid, bad[0])
                 continue
-            part = {k: np.asarray(out[k])[m] for k in ("tile_id", "x", "y", "embedding")}
+            part = {k: np.asarray(out[k])[m] for k in ("tile_id", "x", "y", "embedding", "damage") if k in out}
             self.acc.setdefault(sid, []).append(part)
             got = self.seen.setdefault(sid, set())
             before = len(got)
@@ -543,11 +596,36 @@ class _Collector:
 
     def _write(self, sid: str) -> None:
         self.seen.pop(sid)
-        tid, xy, feats = _assemble_slide(self.acc.pop(sid))
+        parts = self.acc.pop(sid)
+        tid, xy, feats = _assemble_slide(parts)
+        damage = {int(t): str(m) for p in parts for t, m in zip(p["tile_id"], p.get("damage", ())) if m}
+        if damage:
+            kept = self._judge_damage(sid, tid, damage)
+            if kept is None:
+                return
+            tid, xy, feats = tid[kept], xy[kept], feats[kept]
         self.tiles_done += len(tid)
         meta = {CACHE_KEY_META: self.entry_of[sid]["cache_key"], "model_key": self.ident.model_key}
         self.pending.append((sid, self.writer.submit(
             write_bag_table, self.feature_dir, sid, tid, xy, feats, self.cfg.dtype, self.s3, meta)))
+
+    def _judge_damage(self, sid: str, tid: np.ndarray, damage: dict[int, str]) -> np.ndarray | None:
+        """Record a slide's damaged tiles; the rows to write (``None``: the slide fails)."""
+        self.damaged[sid] = {str(t): m for t, m in sorted(damage.items())}
+        first_t, first_m = min(damage.items())
+        if len(damage) > self.cfg.max_damaged_fraction * len(tid) or len(damage) == len(tid):
+            self.failed[sid] = (f"corrupt_tile_data: {len(damage)} of {len(tid)} tiles are damaged (tile {first_t}: "
+                                f"{first_m}); copy the slide again from the source or re-scan it, or raise "
+                                "--max-damaged-fraction to embed the rest")
+            self.progress.failed += 1
+            log.warning("embed: slide %s failed: %s", sid, self.failed[sid])
+            return None
+        skip = self.cfg.damaged_tiles == "skip"
+        self.entry_of[sid] = dict(self.entry_of[sid], damaged_tiles=self.damaged[sid],
+                                  damaged_policy=self.cfg.damaged_tiles)
+        log.warning("embed: slide %s: %d damaged tile(s) %s (tile %d: %s)", sid, len(damage),
+                    "left out" if skip else "kept", first_t, first_m)
+        return ~np.isin(tid, list(damage)) if skip else np.ones(len(tid), bool)
 
     def close(self) -> None:
         self.reap(block=True)
@@ -577,6 +655,7 @@ def derive_resources(cfg: EmbedConfig) -> tuple[int, float, float]:
         n = max(1, int(gpus // per))
     else:  # CPU: leave about a quarter of the cores to the read tasks
         n = max(1, int((cluster_cpus() * 0.75) // cfg.num_cpus_per_actor))
+    check_resources(n, cfg.num_cpus_per_actor, per)  # never wait forever for resources that cannot come
     return n, per, cfg.num_cpus_per_actor
 
 
@@ -685,12 +764,14 @@ def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=N
 
 def _run_pipeline(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, col: _Collector, variant=None) -> dict:
     """Stream the planned slides through Ray Data into ``col``; timing of the first/last output."""
+    from raypath.io.quiet import drop_stderr_lines
     from raypath.io.ray_env import ensure_ray
 
     ensure_ray()
     tile_px = max(t.tile_px for t in plan.todo)
     t = {"first": None, "last": None, "tiles_at_first": 0, "stats": ""}
-    with _data_context(cfg, cfg.batch_size * tile_px * tile_px * 3):
+    # drop_stderr_lines: Ray 2.60 logs a false-alarm ERROR per actor pool (see raypath.io.quiet)
+    with _data_context(cfg, cfg.batch_size * tile_px * tile_px * 3), drop_stderr_lines():
         ds = _build_dataset(cfg, plan, spec, variant)
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -700,6 +781,11 @@ def _run_pipeline(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, col: _Coll
                 t["last"] = now
                 col.add(out)
         except Exception as e:
+            outage = as_outage(e, col.s3) or col.outage
+            if outage is not None:  # keep what is written; do not wait on the storage that is down
+                col.writer.shutdown(wait=False, cancel_futures=True)
+                raise outage.with_progress(f"{col.progress.done} of {len(plan.todo)} slides were embedded and "
+                                           "are kept") from None
             col.reap(block=True)
             col.writer.shutdown(wait=True)
             raise RaypathError(
@@ -722,9 +808,12 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     t_start = time.perf_counter()
     s3 = cfg.s3_options()
     cfg = _absolute_paths(cfg)
+    check_weights(cfg.model, cfg.weights)  # on the driver, before Ray: never 200 lines of actor traceback
     ident = model_identity(cfg.model, cfg.weights, cfg.adapter)
     feature_dir = cfg.feature_dir or join(cfg.workdir, "features", ident.model_key)
+    check_storage([cfg.workdir, feature_dir], s3)
     plan = plan_embed(cfg, ident, feature_dir, s3)
+    check_storage([t.uri for t in plan.todo], s3)
     log.info("embed: model %s -> %s; %d slides to embed (%d tiles), %d up to date", ident.spec.key, feature_dir,
              len(plan.todo), plan.n_tiles, sum(r["status"] == "skipped" for r in plan.rows))
     cfg.save(feature_dir)
@@ -739,7 +828,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         for task in plan.todo:
             err = col.failed.get(task.slide_id)
             rows.append({"slide_id": task.slide_id, "status": "failed" if err else "done",
-                         "n_tiles": task.n_tiles, "error": err})
+                         "n_tiles": task.n_tiles, "error": err,
+                         "damaged_tiles": len(col.damaged.get(task.slide_id, {}))})
         if t["first"] is not None:
             first_output_s = t["first"] - t_start
             if t["last"] > t["first"]:
@@ -747,7 +837,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     else:
         col.flush()
     res = EmbedResult(
-        feature_dir, ident.model_key, pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "error"]),
+        feature_dir, ident.model_key,
+        pd.DataFrame(rows, columns=["slide_id", "status", "n_tiles", "error", "damaged_tiles"]).fillna({"damaged_tiles": 0}),
         tiles_embedded=col.tiles_done, elapsed_s=time.perf_counter() - t_start, stats=stats,
         first_output_s=first_output_s, steady_tiles_per_s=steady,
     )
@@ -772,6 +863,11 @@ def summarize(res: EmbedResult) -> str:
     ]
     for r in res.slides[res.slides["status"] == "failed"].itertuples(index=False):
         lines.append(f"  failed {r.slide_id}: {r.error}")
+    if "damaged_tiles" in res.slides and res.slides["damaged_tiles"].fillna(0).sum() > 0:
+        d = res.slides[(res.slides["damaged_tiles"].fillna(0) > 0) & (res.slides["status"] != "failed")]
+        lines += [f"  {r.slide_id}: {int(r.damaged_tiles)} damaged tile(s) recorded in manifest.json"
+                  for r in d.itertuples(index=False)]
+    lines.append(failure_counts(res.slides.loc[res.slides["status"] == "failed", "error"]))
     return "\n".join(lines)
 
 
@@ -789,7 +885,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         cfg = config_from_args(EmbedConfig, args)
         res = embed(cfg)
         print(summarize(res))
-        return 1 if (res.slides["status"] == "failed").any() else 0
+        return EXIT_SOME_FAILED if (res.slides["status"] == "failed").any() else 0
 
     p.set_defaults(func=run)
 

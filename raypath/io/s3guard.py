@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import botocore.exceptions
 import s3fs
 
-from raypath.io.storage import current_activities
+from raypath.io.activity import current_activities
 
 log = logging.getLogger(__name__)
 

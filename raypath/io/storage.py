@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import os
 import posixpath
 import re
@@ -25,6 +24,7 @@ from typing import Any, Iterator, Literal
 import fsspec
 
 from raypath.errors import RaypathError
+from raypath.io.activity import activity, current_activities  # noqa: F401 (re-exported)
 
 #: Environment variables read for S3 settings (documented in the README).
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
@@ -320,25 +320,6 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return re.sub(r"(://)[^/@\s]+:[^/@\s]+@", r"\1***@", value)
     return value
-
-
-_ACTIVITIES: dict[int, str] = {}
-_ACTIVITY_IDS = itertools.count()
-
-
-@contextlib.contextmanager
-def activity(label: str) -> Iterator[None]:
-    """``with activity("tile slide s3"):`` names the work a storage stall log line is about."""
-    key = next(_ACTIVITY_IDS)
-    _ACTIVITIES[key] = label
-    try:
-        yield
-    finally:
-        _ACTIVITIES.pop(key, None)
-
-
-def current_activities() -> list[str]:
-    return sorted(set(_ACTIVITIES.values()))
 
 
 @contextlib.contextmanager
