@@ -195,6 +195,12 @@ _SPECS: tuple[ModelSpec, ...] = (
              layer_norm_eps=1e-6),
         dim=1024, patch=14, regs=4, mean=HIBOU_MEAN, std=HIBOU_STD, repo="histai/hibou-L", gated=True,
         notes="DINOv2 ViT-L/14 with 4 registers; weights in the transformers Dinov2WithRegisters layout"),
+    # ---- trained in this project by `raypath pretrain` (DINO from scratch, docs/adaptation.md): --weights FILE
+    _timm("raypath-small", "vit_small_patch16_224",
+          dict(img_size=112, patch_size=16, embed_dim=192, depth=6, num_heads=3, mlp_ratio=3.0,
+               num_classes=0, dynamic_img_size=True),
+          dim=192, patch=16, repo=None, gated=False,
+          notes="ViT 6 blocks x 192 at 112 px (2.4 M parameters), pretrained with `raypath pretrain`"),
     # ---- tiny test specs: same code paths, random init allowed, >= 100 tiles/s on one CPU core
     _timm("tiny-vit", "vit_small_patch16_224",
           dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
