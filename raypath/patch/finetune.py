@@ -244,7 +244,8 @@ def train_fit(config: dict) -> dict:
         val_loss = predict(net, images, spec.val, spec, ctx)[1] if len(spec.val) else train_loss
         if val_loss < loop.best_loss:
             loop.best_loss, loop.best_epoch, loop.bad = val_loss, epoch, 0
-            best = module_state(net, trainable_only=spec.adapter_only)
+            # clone: on the CPU module_state's tensors share storage with the live parameters
+            best = {k: v.clone() for k, v in module_state(net, trainable_only=spec.adapter_only).items()}
         else:
             loop.bad += 1
         loop.epoch = epoch + 1

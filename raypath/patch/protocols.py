@@ -22,7 +22,8 @@ Fractions
 Fits
     :func:`plan_fits` lists every (protocol, training domains, method,
     fraction, seed) fit with its train/val rows and the test sets it is
-    evaluated on: ``scaling`` (all domains, every fraction, tested in-domain),
+    evaluated on: ``scaling`` (all domains, every fraction, tested in-domain on
+    the pooled test set and on each domain's),
     ``domain`` (train on one domain, test on each: the domain matrix) and
     ``lodo`` (train on all but one domain, test on it).
 """
@@ -164,9 +165,9 @@ def plan_fits(table: pd.DataFrame, split: np.ndarray, methods: list[str], protoc
         groups += [("domain", d, domains == d, domain_fractions) for d in doms]
     if "lodo" in protocols and len(doms) > 1:
         groups += [("lodo", f"all-but-{d}", domains != d, domain_fractions) for d in doms]
-    tests = _tests(domains, split, include_all=True)
     fits = []
     for protocol, name, sel, fracs in groups:
+        tests = _tests(domains, split, include_all=protocol == "scaling")
         for seed in seeds:
             subsets = fraction_subsets(np.flatnonzero(pool & sel), labels, domains, fracs, seed, min_per_class)
             for f in fracs:
