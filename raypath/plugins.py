@@ -245,6 +245,17 @@ def plugin_specs() -> list[str]:
     return list(dict.fromkeys(_LOADED.values()))
 
 
+def forget_plugins() -> None:
+    """Forget which plugins were loaded and the heads/losses they registered (tests);
+    models and families stay registered: remove them with ``unregister_spec`` / ``unregister_family``."""
+    global _ENTRY_POINTS_DONE
+    _LOADED.clear()
+    _EP_LOADED.clear()
+    _MIL_HEADS.clear()
+    _LOSSES.clear()
+    _ENTRY_POINTS_DONE = False
+
+
 def export_to_env(specs: Iterable[str]) -> None:
     """Add ``specs`` to ``RAYPATH_PLUGINS`` so that processes started afterwards
     (local Ray workers, a cluster job's runtime environment) load them too."""

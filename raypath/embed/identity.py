@@ -53,6 +53,8 @@ DEFAULT_DECODE = "fast-reader:pil-bilinear"
 TILE_COLUMNS = ("tile_id", "x", "y", "level", "read_px", "tile_px")
 #: Fields that say which model made the features (not which slides or tiles).
 MODEL_FIELDS = ("model", "weights_sha256", "adapter_sha256", "prompt_sha256", "preprocessing", "variant")
+#: Fields where ``None`` is a value (no adapter, no prompts, the slides as scanned), not "unknown".
+NONE_MEANS_NONE = ("adapter_sha256", "prompt_sha256", "variant")
 
 
 def _sha(obj: Any) -> str:
@@ -281,19 +283,35 @@ def features_digest(store, slide_ids: Iterable[str]) -> str:
 
 
 def _short(v: Any) -> str:
+    if v is None:
+        return "none"
     s = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else v
     return s if len(s) <= 24 else s[:20] + "..."
 
 
 def mismatches(actual: FeatureIdentity, expected: FeatureIdentity | Mapping) -> list[tuple[str, Any, Any]]:
-    """``(field, actual, expected)`` for each field ``expected`` sets (not ``None``)
-    that the store records differently; fields the store does not record are skipped."""
-    want = expected.to_dict() if isinstance(expected, FeatureIdentity) else dict(expected)
+    """``(field, actual, expected)`` for each expected field the store records differently.
+
+    A :class:`FeatureIdentity` expects its set fields and, always, its adapter,
+    prompts and variant (``None`` there means "none"); a mapping expects the
+    fields it names.  An expected ``None`` elsewhere is not checked, nor is a
+    field the store does not record (stores written before it existed).
+    """
+    if isinstance(expected, FeatureIdentity):
+        want = {k: v for k, v in expected.to_dict().items() if v is not None or k in NONE_MEANS_NONE}
+    else:
+        want = dict(expected)
     have = actual.to_dict()
     unknown = set(want) - set(have)
     if unknown:
         raise RaypathError(f"unknown feature-identity fields {sorted(unknown)}: use {[f.name for f in fields(FeatureIdentity)]}")
-    return [(k, have[k], v) for k, v in want.items() if v is not None and have[k] is not None and have[k] != v]
+    out = []
+    for k, v in want.items():
+        if k not in NONE_MEANS_NONE and (v is None or have[k] is None):
+            continue
+        if have[k] != v:
+            out.append((k, have[k], v))
+    return out
 
 
 def check_identity(actual: FeatureIdentity, expected: FeatureIdentity | Mapping, where: str,
@@ -333,8 +351,7 @@ def check_store(feature_dir: str, expected: FeatureIdentity | Mapping | None = N
     ----------
     expected
         The identity the reader needs, or a mapping of some of its fields
-        (``{"model": "uni", "adapter_sha256": ...}``); fields left ``None``
-        are not checked, nor are fields an older store does not record.
+        (``{"model": "uni", "adapter_sha256": ...}``): see :func:`mismatches`.
     slides
         Rows with ``slide_id`` and ``fingerprint`` (``slides.parquet``): a
         slide whose features were made from another file is refused.
