@@ -113,3 +113,30 @@ def test_readers_refuse_features_of_other_slide_files(tmp_path):
     with pytest.raises(RaypathError, match=r"other slide files .*s1.*re-run `raypath embed`"):
         load_sample(d, changed, tiles_per_slide=2, seed=0)
     check_store(d, slides=slides.assign(fingerprint=[None, ""]))  # unknown fingerprints are not held against it
+
+
+def test_sweep_fold_refuses_features_without_its_adapter(tmp_path, monkeypatch):
+    """The sweep's real embed stage checks the fold's store carries the fold's adapter."""
+    from types import SimpleNamespace
+
+    import raypath.embed.api as embed_api
+    from raypath.sweep.objective import _embed_stage
+
+    adapter = tmp_path / "adapters" / "fold-A"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 2}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    made_with: dict = {}
+
+    def fake_embed(cfg):  # writes what an embed with made_with["adapter"] would have written
+        ident = derive_identity(cfg.model, cfg.weights, made_with["adapter"])
+        d = _store(cfg.feature_dir, {"model": ident.model, "model_key": ident.model_key, "identity": ident.to_dict()})
+        return SimpleNamespace(feature_dir=d, slides=pd.DataFrame({"slide_id": ["s0"], "status": ["done"]}))
+
+    monkeypatch.setattr(embed_api, "embed", fake_embed)
+    settings, plan = {"workdir": str(tmp_path), "model": "tiny-vit"}, SimpleNamespace(embed=["s0"])
+    made_with["adapter"] = None  # e.g. the adapter was dropped on the way
+    with pytest.raises(RaypathError, match="adapter_sha256 is none where"):
+        _embed_stage(settings, plan, str(adapter), str(tmp_path / "f1"))
+    made_with["adapter"] = str(adapter)
+    assert _embed_stage(settings, plan, str(adapter), str(tmp_path / "f2")) == str(tmp_path / "f2")
