@@ -94,3 +94,60 @@ def test_real_adapter_stage_tunes_on_the_fold_plan_with_twins(tmp_path):
     res = run_fold(plan, settings, ctx, "t0", stages)
     assert res["adapter_slides"] == plan.adapt and res["adapter_cohorts"] == ["B", "C"]
     assert 0.0 <= res["external"] <= 1.0
+
+
+def _fake_embed(root: Path):
+    """Embedding stand-in (the real one is exercised in test_embed): writes a store
+    whose manifest names the adapter, as `raypath embed --adapter` does."""
+    from types import SimpleNamespace
+
+    from raypath.embed.store import write_bag_table, write_manifest
+
+    def embed(cfg):
+        key = "fm" if cfg.adapter is None else f"fm-{Path(cfg.adapter).name}"
+        fdir = str(root / "features" / key)
+        src = root / "features" / "fixed"
+        for f in sorted(src.glob("*.parquet")):
+            t = pd.read_parquet(f)
+            x = np.stack(t.embedding.to_numpy()).astype(np.float32) + (0.0 if cfg.adapter is None else 0.1)
+            write_bag_table(fdir, f.stem, t.tile_id.to_numpy(), t[["x", "y"]].to_numpy(), x)
+        write_manifest(fdir, {"model_key": key, "adapter": cfg.adapter, "slides": {}})
+        return SimpleNamespace(feature_dir=fdir)
+
+    return embed
+
+
+def test_adapt_experiment_tunes_one_adapter_per_fold_and_scores_each_fold_with_its_own(tmp_path, monkeypatch):
+    """`adapt-experiment`: no adapter sees its fold's held-out cohort (nor the
+    held-out tissue's twin); the 'after' external C-index of cohort C comes from
+    C's adapter; 'after' robustness is the mean over the folds' adapters with a CI."""
+    import raypath.embed.api
+    from raypath.adapt.experiment import ExperimentConfig, run_experiment
+    from raypath.adapt.tuning import read_tuned_on
+
+    clin = twins_workdir(tmp_path, per_cohort=5)
+    clin["label"] = np.arange(len(clin)) % 2
+    clin.to_parquet(tmp_path / "slides.parquet")
+    monkeypatch.setattr(raypath.embed.api, "embed", _fake_embed(tmp_path))
+    patient_of = dict(zip(clin.slide_id, clin.patient_id))
+    base = dict(workdir=str(tmp_path), run="exp", **{k: v for k, v in TINY.items() if k != "device"},
+                robustness_tiles_per_slide=4, kmeans_k=4, kmeans_repeats=1, plots=False, mil_epochs=1)
+    with pytest.raises(RaypathError, match="one adapter per leave-one-dataset-out fold"):
+        run_experiment(ExperimentConfig(**base, tune_cohorts=["all"]))
+    doc = run_experiment(ExperimentConfig(**base))
+    assert doc["per_fold_adapters"] and sorted(doc["adapters"]) == ["A", "B", "C"]
+    for c, adapter in doc["adapters"].items():
+        rec = read_tuned_on(adapter)
+        held = set(clin.patient_id[clin.cohort == c])
+        assert c not in rec["cohorts"] and not {patient_of[s] for s in rec["slide_ids"]} & held, c
+    after = json.loads((tmp_path / "runs" / "exp-mil-after" / "metrics.json").read_text())["summary"]
+    assert set(after["external"]) == {"A", "B", "C"} and "one adapter per LODO fold" in after["note"]
+    for c in "ABC":  # each fold's MIL run used that fold's adapter's features, checked against leakage
+        run = json.loads((tmp_path / "runs" / f"exp-mil-after-{c}" / "metrics.json").read_text())["summary"]
+        assert run["inputs"]["adapter"]["adapter"] == doc["adapters"][c] and run["inputs"]["adapter"]["status"] == "checked"
+    comp = json.loads((tmp_path / "runs" / "exp-robustness" / "comparison.json").read_text())
+    assert len(comp["feature_dirs"]["b"]) == 3 and comp["b"]["note"] == "mean over 3 feature stores"
+    d = comp["delta"]["site_probe_balanced_accuracy"]
+    assert d["ci_low"] is not None and d["more_robust"] in ("a", "b", "tie")
+    md = (tmp_path / "runs" / "exp" / "experiment.md").read_text()
+    assert "one adapter per leave-one-dataset-out fold" in md and "held-out A: tuned on" in md
