@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "adapt": ("raypath.adapt.api", "DoRA/LoRA-tune a foundation model by DINO self-distillation under strong augmentation"),
     "adapt-experiment": ("raypath.adapt.experiment", "embed before/after adaptation; site probe, purity, LODO C-index side by side"),
     "augment-preview": ("raypath.adapt.augment", "write a PNG grid of augmented views of real tiles"),
+    "pretrain": ("raypath.adapt.pretrain", "train a small ViT (raypath-small) from scratch by DINO on a workdir's tiles (Ray Train)"),
     "mil": ("raypath.mil.cli", "train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)"),
     "robustness": ("raypath.robustness.cli", "site probe, KMeans cohort purity, RI, CRoMa, t-SNE of a feature store"),
     "sweep": ("raypath.sweep", "Ray Tune + Optuna search over adapter/MIL settings under nested LODO"),

@@ -48,7 +48,7 @@ from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
 from raypath.train.checkpoint import COMPLETE
 from raypath.train.checkpoint import latest_checkpoint as _latest_under
-from raypath.train.context import LocalContext, RayTrainContext, SimulatedKill, TrainContext  # noqa: F401 (SimulatedKill: re-exported)
+from raypath.train.context import LocalContext, SimulatedKill, TrainContext  # noqa: F401 (SimulatedKill: re-exported)
 from raypath.train.precision import AMP_HELP
 
 log = logging.getLogger(__name__)
@@ -327,10 +327,9 @@ def train_loop(cfg: AdaptConfig, run_dir: str, ctx: TrainContext, images: np.nda
     return dino_train.train_loop(adapt_recipe(cfg, run_dir), ctx, images, n_rows)
 
 
-def _ray_worker(config: dict) -> dict:
-    cfg = AdaptConfig.model_validate(config["cfg"])
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    return train_loop(cfg, config["run_dir"], RayTrainContext(amp=cfg.amp), n_rows=int(config["n_rows"]))
+def _recipe_from_dict(cfg: dict, run_dir: str) -> dino_train.DinoRecipe:
+    """The recipe rebuilt on a Ray Train worker (a module-level function pickles by reference)."""
+    return adapt_recipe(AdaptConfig.model_validate(cfg), run_dir)
 
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
@@ -380,17 +379,12 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
 
 
 def _fit_ray(cfg: AdaptConfig, tiles: pd.DataFrame, run_dir: str) -> dict:
-    from raypath.io.ray_env import cluster_cpus, ensure_ray
-    from raypath.train.launch import fit_on_ray_train, resolve_use_gpu
+    from raypath.io.ray_env import ensure_ray
+    from raypath.train.launch import resolve_use_gpu
 
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg.use_gpu, cfg.num_workers)  # before reading tiles: fail fast
-    ds = tiles_dataset(tiles)
-    config = {"cfg": cfg.model_dump(), "run_dir": run_dir, "n_rows": ds.count(),
-              "threads": max(1, int(cluster_cpus() // max(1, cfg.num_workers)))}
-    result = fit_on_ray_train(_ray_worker, config, num_workers=cfg.num_workers, storage_path=join(run_dir, "ray"),
-                              name="train", use_gpu=use_gpu, datasets={"train": ds}, keep=KEEP_CHECKPOINTS)
-    return result.return_value
+    return dino_train.fit_on_ray(_recipe_from_dict, cfg, tiles_dataset(tiles), run_dir, use_gpu, keep=KEEP_CHECKPOINTS)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -116,6 +116,16 @@ def load_dino_state(state: dict[str, torch.Tensor], student: nn.Module, teacher:
                 tp[n].copy_(state[f"teacher.{n}"])
 
 
+def check_resumable(saved: dict, now: dict, run: str, where: str, may_change: set[str] | frozenset[str]) -> None:
+    """Raise unless a saved config equals ``now`` on every field outside ``may_change``."""
+    diff = sorted(k for k in now if k not in may_change and saved.get(k) != now[k])
+    if diff:
+        raise RaypathError(
+            f"run {run!r} already exists ({where}) with different {', '.join(diff)}: "
+            "pass the same settings to resume, or choose a new --run name"
+        )
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -308,3 +318,31 @@ def train_loop(recipe: DinoRecipe, ctx: TrainContext, images: np.ndarray | None 
     if ctx.is_main:
         recipe.publish(run.teacher, metrics, extra)
     return {"metrics": metrics, **extra}
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+def ray_worker(config: dict) -> dict:
+    """Ray Train entry point of every DINO run: the recipe is rebuilt on the
+    worker by ``config["make_recipe"](cfg_dict, run_dir)`` (a module-level function)."""
+    from raypath.train.context import RayTrainContext
+
+    recipe = config["make_recipe"](config["cfg"], config["run_dir"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    return train_loop(recipe, RayTrainContext(amp=recipe.cfg.amp), n_rows=int(config["n_rows"]))
+
+
+def fit_on_ray(make_recipe: Callable[[dict, str], DinoRecipe], cfg, dataset, run_dir: str, use_gpu: bool, keep: int = 2) -> dict:
+    """Run a DINO recipe on ``cfg.num_workers`` Ray Train workers (DDP) over a
+    materialised Ray Dataset of tiles (column ``image``); checkpoints in
+    ``<run_dir>/ray/train`` (a re-run resumes).  Returns rank 0's result."""
+    from raypath.io.ray_env import cluster_cpus
+    from raypath.io.storage import join
+    from raypath.train.launch import fit_on_ray_train
+
+    config = {"make_recipe": make_recipe, "cfg": cfg.model_dump(), "run_dir": run_dir, "n_rows": dataset.count(),
+              "threads": max(1, int(cluster_cpus() // max(1, cfg.num_workers)))}
+    result = fit_on_ray_train(ray_worker, config, num_workers=cfg.num_workers, storage_path=join(run_dir, "ray"),
+                              name="train", use_gpu=use_gpu, datasets={"train": dataset}, keep=keep)
+    return result.return_value
