@@ -48,6 +48,21 @@ def resolve_use_gpu(use_gpu: bool | None, num_workers: int) -> bool:
     return bool(use_gpu)
 
 
+def _with_plugins(train_fn: Callable[[dict], Any], specs: list[str]) -> Callable[[dict], Any]:
+    """``train_fn`` that first loads the driver's plugins (a private model, MIL head
+    or loss: raypath.plugins) in the worker, which may predate the driver's RAYPATH_PLUGINS."""
+    if not specs:
+        return train_fn
+
+    def run(config: dict) -> Any:
+        from raypath.plugins import load_plugins
+
+        load_plugins(specs)
+        return train_fn(config)
+
+    return run
+
+
 def fit_on_ray_train(
     train_fn: Callable[[dict], Any],
     config: dict,
@@ -82,9 +97,11 @@ def fit_on_ray_train(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raypath.plugins import plugin_specs
+
     use_gpu = resolve_use_gpu(use_gpu, num_workers)
     trainer = TorchTrainer(
-        train_fn,
+        _with_plugins(train_fn, plugin_specs()),
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=num_workers,
