@@ -51,7 +51,7 @@ def _imagecodecs(data: bytes, tables, colorspace, outcolorspace, shape) -> np.nd
 
 
 def decode_tile(data: bytes, tables: bytes | None, colorspace, outcolorspace,
-                shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+                shape: tuple[int, int], scale: int = 1) -> tuple[np.ndarray, str | None]:
     """Decode a stored JPEG tile; return ``(rgb uint8 [h, w, 3], damage)``.
 
     Parameters
@@ -64,6 +64,9 @@ def decode_tile(data: bytes, tables: bytes | None, colorspace, outcolorspace,
         As ``tifffile.tifffile.jpeg_decode_colorspace`` gives them.
     shape
         ``(tile_h, tile_w)`` of the page's tiles.
+    scale
+        Decode at 1/scale (2, 4 or 8: DCT scaling inside libjpeg-turbo, the raypath reader's
+        ``decode="scaled"`` path); the result is ``shape // scale``.  Damage is reported the same way.
 
     Returns
     -------
@@ -72,9 +75,18 @@ def decode_tile(data: bytes, tables: bytes | None, colorspace, outcolorspace,
         (``"Corrupt JPEG data: bad Huffman code"``...).  Pixels of a damaged
         tile are libjpeg's best effort, or 0 where nothing could be decoded.
     """
+    if scale > 1:
+        shape = (shape[0] // scale, shape[1] // scale)
+        kw = dict(min_factor=scale, min_height=shape[0], min_width=shape[1])
+    else:
+        kw = {}
     if colorspace not in (_RGB, _YCBCR, None) or outcolorspace != _RGB:
         try:
-            return _fit(_imagecodecs(data, tables, colorspace, outcolorspace, shape), shape), None
+            arr = _imagecodecs(data, tables, colorspace, outcolorspace, (shape[0] * scale, shape[1] * scale))
+            if scale > 1:  # no DCT scaling in this decoder: block means
+                arr = _fit(arr, (shape[0] * scale, shape[1] * scale)).reshape(shape[0], scale, shape[1], scale, 3)
+                arr = arr.mean(axis=(1, 3)).round().astype(np.uint8)
+            return _fit(arr, shape), None
         except Exception as e:  # codecs raise many types
             return np.zeros((shape[0], shape[1], 3), np.uint8), f"{type(e).__name__}: {e}"
     import simplejpeg
@@ -88,14 +100,14 @@ def decode_tile(data: bytes, tables: bytes | None, colorspace, outcolorspace,
         stream += bytes(tables[2:-2])  # the tables' own SOI/EOI removed
     stream += bytes(data[2:])
     try:
-        arr = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
+        arr = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, **kw)
         damage = None if arr.shape[:2] == tuple(shape) else (
             f"decoded size {arr.shape[1]}x{arr.shape[0]} is not the tile size {shape[1]}x{shape[0]}")
         return _fit(arr, shape), damage
     except ValueError as e:
         damage = str(e) or "corrupt JPEG data"
     try:
-        arr = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=False)
+        arr = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=False, **kw)
         return _fit(arr, shape), damage
     except ValueError:
         return np.zeros((shape[0], shape[1], 3), np.uint8), damage
