@@ -48,7 +48,7 @@ INFO_FILE = "model_info.json"
 KEEP_CHECKPOINTS = 2
 #: Config fields that may differ between a run and its resumption.
 _MAY_CHANGE = frozenset({"workdir", "out", "epochs", "num_workers", "use_gpu", "checkpoint_every_epochs", "device",
-                         "amp", "stop_after_epochs"})
+                         "amp", "stop_after_epochs", "weights_dtype"})
 
 
 class PretrainConfig(StageConfig):
@@ -85,6 +85,7 @@ class PretrainConfig(StageConfig):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
     checkpoint_every_epochs: int = Field(1, ge=1)
     seed: int = Field(0, description="seed of the random init, the tile draw, crops and dropout")
+    weights_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the published model.safetensors (float16 halves the file; loading casts back)")
     stop_after_epochs: int | None = Field(None, description="testing aid: stop as if killed after this many epochs (checkpoint first)")
 
 
@@ -149,7 +150,8 @@ def _publish(run_dir: str, cfg: PretrainConfig, teacher: torch.nn.Module, metric
     import pyarrow as pa
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in teacher.backbone.model.state_dict().items()}
+    dtype = torch.float16 if cfg.weights_dtype == "float16" else torch.float32
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in teacher.backbone.model.state_dict().items()}
     blob = save(state, metadata={"raypath_model": cfg.model, "objective": "dino-v1 from scratch (teacher)",
                                  "epochs": str(len(metrics)), "seed": str(cfg.seed)})
     atomic_write_bytes(join(run_dir, WEIGHTS_FILE), blob)
