@@ -147,3 +147,34 @@ def test_fine_tuning_resumes_after_a_kill_with_the_same_result(study, tmp_path):
     assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in whole["history"]])
     for name in whole["probs"]:
         np.testing.assert_allclose(resumed["probs"][name], whole["probs"][name], rtol=1e-6, atol=1e-7)
+
+
+def test_sweep_accepts_a_patch_space_and_runs_trials_on_ray_tune(study, tmp_path, ray_session):
+    import yaml
+
+    from raypath.errors import RaypathError
+    from raypath.sweep.api import SweepConfig, run_sweep
+    from raypath.sweep.space import parse_space
+
+    out, _ = study
+    fixed = dict(annotations=os.path.join(out, "annotations.json"), model="tiny-vit", patch_px=48, mpp=0.5,
+                 shift_px=4, seeds=[42], max_epochs=1, pseudo_epoch=32, n_boot=0, e2e_size="tiny", device="cpu")
+    doc = {"kind": "patch", "objectives": [{"metric": "mean_external"}], "fixed": {"patch": fixed},
+           "space": {"patch.method": {"type": "categorical", "choices": ["linear", "lora"]},
+                     "patch.rank": {"type": "int", "low": 2, "high": 8, "log": True},
+                     "patch.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                     "patch.fraction": {"type": "categorical", "choices": [0.5, 1.0]}},
+           "points_to_evaluate": [{"patch.method": "lora", "patch.rank": 4, "patch.lr": 1e-3, "patch.fraction": 1.0}]}
+    with pytest.raises(RaypathError, match="patch"):
+        parse_space({**doc, "kind": "mil"})
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = run_sweep(SweepConfig(workdir=str(tmp_path / "w"), space=str(path), name="p", num_samples=2,
+                                max_concurrent_trials=1))
+    t = res.trials
+    assert len(t) == 2 and (t["error"] == "").all() and t["mean_external"].between(0, 1).all()
+    assert {"external_canine_lymphoma", "mean_internal", "param:patch.method"} <= set(t.columns)
+    assert res.best is not None and os.path.exists(os.path.join(res.sweep_dir, "best_config.yaml"))
+    first = t[t["param:patch.method"] == "lora"].iloc[0]
+    cfg = yaml.safe_load(open(os.path.join(str(tmp_path / "w"), "runs", first["run"], "config.yaml")))["config"]
+    assert cfg["methods"] == ["lora"] and cfg["rank"] == 4 and cfg["fractions"] == [1.0] and cfg["protocols"] == ["lodo"]

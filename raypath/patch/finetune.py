@@ -74,6 +74,7 @@ class TrainSpec:
     amp: str = "auto"
     checkpoint_dir: str | None = None
     kill_at_step: int | None = None
+    context: str = "auto"  # "local": this process even inside a Tune trial; "auto": current_context()
     extra: dict = field(default_factory=dict)  # method-specific options (plug-in methods)
 
     @property
@@ -224,12 +225,15 @@ def _train_epoch(net, opt, images, spec: TrainSpec, by_class, np_rng, gen, ctx) 
 
 def train_fit(config: dict) -> dict:
     """Train one fit (any training context) and return its predictions on every evaluation set."""
-    from raypath.train import current_context, load_module_state, module_state
+    from raypath.train import LocalContext, current_context, load_module_state, module_state
 
     spec = TrainSpec(**config)
     t0 = time.perf_counter()
-    ctx = current_context(device=spec.device, amp=spec.amp, checkpoint_dir=spec.checkpoint_dir,
-                          kill_at_step=spec.kill_at_step, keep=1)
+    if spec.context == "local":  # a fit inside a sweep trial reports to the trial, not to Tune
+        ctx = LocalContext(spec.checkpoint_dir, spec.kill_at_step, device=spec.device, amp=spec.amp, keep=1)
+    else:
+        ctx = current_context(device=spec.device, amp=spec.amp, checkpoint_dir=spec.checkpoint_dir,
+                              kill_at_step=spec.kill_at_step, keep=1)
     images = PatchImages(spec.cache_folder)
     torch.manual_seed(spec.seed + 1000 * ctx.rank)
     net = ctx.prepare(build_net(spec))
@@ -267,7 +271,7 @@ def run_finetune(spec: TrainSpec, train_workers: int = 0, storage: str | None = 
     """Run :func:`train_fit` here (``train_workers=0``) or on ``train_workers`` Ray Train workers."""
     config: dict[str, Any] = asdict(spec)
     if train_workers <= 0:
-        return train_fit(config)
+        return train_fit({**config, "context": "local"})
     from raypath.train.launch import fit_on_ray_train
 
     config["checkpoint_dir"] = None

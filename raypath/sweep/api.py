@@ -271,6 +271,10 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     from raypath.io.ray_env import ensure_ray
 
     space = load_space(cfg.space)
+    if space.kind == "patch":  # the patch benchmark's own trial (raypath.patch.sweep)
+        from raypath.patch.sweep import run_patch_sweep
+
+        return run_patch_sweep(cfg, space, callbacks)
     if cfg.features:
         space.features = cfg.features
     sweep_dir = sweep_dir_of(cfg)

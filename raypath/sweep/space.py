@@ -2,7 +2,8 @@
 
 A sweep file (see ``sweeps/examples/*.yaml``) has these keys::
 
-    kind: mil | adapter       # MIL-only on fixed features, or adapt -> embed -> MIL per fold
+    kind: mil | adapter | patch  # MIL-only on fixed features, adapt -> embed -> MIL per fold, or the patch
+                              # benchmark (raypath.patch.sweep: fixed.patch, patch.method/rank/lr/fraction)
     features: <model key>     # kind mil: feature folder or key under <workdir>/features
     objectives:               # 1 objective = TPE; >= 2 = multi-objective TPE + Pareto front
       - {metric: mean_external, mode: max}
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from raypath.errors import RaypathError
 from raypath.evaluation.meanings import METRICS
 
-STAGES = ("adapt", "embed", "mil")
+STAGES = ("adapt", "embed", "mil", "patch")
 
 #: Metrics a trial reports that can be objectives, with the direction that is
 #: better (from the one table of metric meanings).
@@ -118,7 +119,7 @@ class RobustnessSpec(_Strict):
 class SweepSpace(_Strict):
     """A parsed and validated sweep file."""
 
-    kind: Literal["mil", "adapter"] = "mil"
+    kind: Literal["mil", "adapter", "patch"] = "mil"
     features: str | None = None
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="mean_external")])
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
@@ -144,6 +145,9 @@ class SweepSpace(_Strict):
                 raise ValueError(
                     f"{key!r} decides the nested-LODO split and cannot be searched: set it under fixed.mil"
                 )
+            if (self.kind == "patch") != (stage == "patch"):
+                raise ValueError(f"search key {key!r}: a `kind: patch` sweep searches patch.* only, and patch.* "
+                                 "only fits kind: patch")
             if self.kind == "mil" and stage != "mil":
                 raise ValueError(f"search key {key!r}: a `kind: mil` sweep searches mil.* only (use kind: adapter)")
         if ALPHA_RATIO in self.space and "adapt.alpha" in self.space:
