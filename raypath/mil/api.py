@@ -71,6 +71,7 @@ class MilConfig(StageConfig):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
     run: str | None = Field(None, description="run name under <workdir>/runs/ (default mil-<task>-<protocol>)")
     clinical: str | None = Field(None, description="clinical table (default <workdir>/slides.parquet)")
+    time_unit: str | None = Field(None, description="unit of the cohort table's time column, for plot axes (e.g. months)")
     # robustness losses between technical variants of a tissue (docs/mil.md, "Robustness losses")
     lambda_emb: float = Field(0.0, ge=0, description="weight of the InfoNCE loss between two variants' slide embeddings")
     lambda_score: float = Field(0.0, ge=0, description="weight of the score loss between two variants' risks/logits")
@@ -190,7 +191,7 @@ def run_fingerprint(cfg: MilConfig, store, clinical: pd.DataFrame) -> tuple[str,
     fresh run: it gets a new fingerprint, hence a new checkpoint folder.
     """
     d = cfg.to_dict()
-    for k in ("num_workers", "use_gpu", "run"):
+    for k in ("num_workers", "use_gpu", "run", "time_unit"):  # how it runs or is drawn, not what it computes
         d.pop(k, None)
     cols = [c for c in _INPUT_COLUMNS if c in clinical.columns]
     parts = {
@@ -266,7 +267,7 @@ def write_outputs(out: ProtocolOutput, cfg: MilConfig, run_dir: str) -> None:
     metric = "c_index" if cfg.task == "survival" else "auroc"
     atomic_write_bytes(join(run_dir, "curves.png"), plot_curves(out.curves, metric))
     if cfg.task == "survival":
-        atomic_write_bytes(join(run_dir, "km.png"), plot_km(out.predictions))
+        atomic_write_bytes(join(run_dir, "km.png"), plot_km(out.predictions, cfg.time_unit))
 
 
 def run_mil(cfg: MilConfig) -> MilResult:
@@ -312,4 +313,8 @@ def run_mil(cfg: MilConfig) -> MilResult:
     )
     out.summary["inputs"] = {"fingerprint": fp, **parts, "adapter": adapter_check}
     write_outputs(out, cfg, run_dir)
-    return MilResult(str(run_dir), out.summary, out.predictions, out.curves, out.fold_metrics)
+    result = MilResult(str(run_dir), out.summary, out.predictions, out.curves, out.fold_metrics)
+    from raypath.report.tracking import track_mil
+
+    track_mil(cfg, result)  # MLflow run, from the driver (RAYPATH_TRACKING=off to skip)
+    return result

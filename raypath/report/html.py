@@ -111,10 +111,26 @@ def environment():
     return env
 
 
+#: environment variables whose values must never appear on a page, whatever file they leaked into
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the value of every secret environment variable replaced by ``***``."""
+    import os
+
+    for name in SECRET_ENV:
+        value = os.environ.get(name) or ""
+        if len(value) >= 8 and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
 def render(template: str, **context: Any) -> str:
     """Render ``templates/<template>`` with the page context (plus version and time)."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     context.setdefault("index_href", None)
     context.setdefault("banners", [])
     context.setdefault("subtitle", None)
-    return environment().get_template(template).render(version=__version__, written=now, **context)
+    return scrub(environment().get_template(template).render(version=__version__, written=now, **context))

@@ -8,6 +8,7 @@ JSON and the config come last, folded.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from raypath.evaluation.meanings import METRICS
@@ -33,7 +34,7 @@ def metric_label(metric: str) -> str:
 
 
 def _counts(folds: list[dict]) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(name, set, cohort) -> slides and events evaluated in one repeat (summed over folds)."""
+    """(name, set, cohort) -> slides, events and comparable pairs of one repeat (summed over folds)."""
     if not folds:
         return {}
     first = min((r.get("repeat", 0) for r in folds), default=0)
@@ -42,10 +43,11 @@ def _counts(folds: list[dict]) -> dict[tuple[str, str, str], dict[str, Any]]:
         if r.get("repeat", 0) != first:
             continue
         key = (str(r.get("name")), str(r.get("set")), str(r.get("cohort")))
-        c = out.setdefault(key, {"n": 0, "n_events": None})
+        c = out.setdefault(key, {"n": 0, "n_events": None, "pairs": None})
         c["n"] += int(r.get("n") or 0)
-        if is_number(r.get("n_events")):
-            c["n_events"] = (c["n_events"] or 0) + int(r["n_events"])
+        for src, dst in (("n_events", "n_events"), ("n_comparable_pairs", "pairs")):
+            if is_number(r.get(src)):
+                c[dst] = (c[dst] or 0) + int(r[src])
     return out
 
 
@@ -56,14 +58,23 @@ def _n_text(c: dict[str, Any] | None) -> str:
 
 
 def _row(label: str, stat: dict | None, count: dict | None, **extra: Any) -> dict[str, Any]:
-    return {"label": label, "stat": stat or {}, "n": _n_text(count), **extra}
+    return {"label": label, "stat": stat or {}, "n": _n_text(count),
+            "pairs": (count or {}).get("pairs"), **extra}
+
+
+def _groups_or_summary(s: dict, metric: str) -> dict:
+    """``summary['groups']``, or the same shape rebuilt from a combined run's per-cohort summary."""
+    if s.get("groups"):
+        return s["groups"]
+    return {c: {"external": {c: {metric: st}}, "internal": {"all": {metric: (s.get("internal") or {}).get(c) or {}}}}
+            for c, st in (s.get("external") or {}).items()}
 
 
 def headline_rows(doc: dict) -> list[dict[str, Any]]:
     """The headline table of any protocol: one row per evaluated group."""
     s = doc["summary"]
     metric = s.get("metric", "c_index")
-    groups = s.get("groups", {})
+    groups = _groups_or_summary(s, metric)
     counts = _counts(doc.get("folds") or [])
     rows = []
     if doc["protocol"] == "internal":
@@ -72,14 +83,34 @@ def headline_rows(doc: dict) -> list[dict[str, Any]]:
             label = "all cohorts (pooled folds)" if cohort == "all" else cohort
             rows.append(_row(label, sets.get(cohort, {}).get(metric), counts.get(("internal", "internal", cohort))))
         return rows
+    strat = s.get("internal_stratified") or {}
     for name in sorted(groups):
         ext = groups[name].get("external", {})
         internal = groups[name].get("internal", {}).get("all", {}).get(metric)
         for cohort in sorted(ext):
             label = cohort if doc["protocol"] == "lodo" else f"{name} \u2192 {cohort}"
             rows.append(_row(label, ext[cohort].get(metric), counts.get((name, "external", cohort)),
-                             internal=internal or {}, n_internal=_n_text(counts.get((name, "internal", "all")))))
+                             internal=internal or {}, internal_strat=strat.get(name) or {},
+                             n_internal=_n_text(counts.get((name, "internal", "all")))))
     return rows
+
+
+def notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Why a cell is empty (too few comparable pairs, no events...), once per distinct reason."""
+    out = []
+    for r in rows:
+        for col, stat in (("external", r["stat"]), ("internal", r.get("internal")),
+                          ("internal, within cohort", r.get("internal_strat"))):
+            if isinstance(stat, dict) and stat.get("note") and not is_number(stat.get("mean")):
+                note = re.sub(r"^1 of 1 fold\(s\)/repeat\(s\): ", "", str(stat["note"]))
+                out.append(f"{r['label']} {col}: {note.replace(': C-index not reported', '')}")
+    return list(dict.fromkeys(out))
+
+
+def _mean_of(stats: Any) -> float | None:
+    vals = [v.get("mean") for v in (stats or {}).values() if isinstance(v, dict)]
+    vals = [v for v in vals if is_number(v)]
+    return sum(vals) / len(vals) if vals else None
 
 
 def verdict(doc: dict) -> str:
@@ -87,22 +118,24 @@ def verdict(doc: dict) -> str:
     label = metric_label(s.get("metric", "c_index"))
     repeats = len({r.get("repeat") for r in doc.get("folds") or []}) or 1
     rep = f"{repeats} repeat{'s' if repeats != 1 else ''}"
+    why = notes(headline_rows(doc))
     if doc["protocol"] == "internal":
         cv = s.get("internal") or {}
         if not is_number(cv.get("mean")):
-            return f"No fold could be scored ({label} needs events and comparable pairs in every fold)."
+            return f"No fold could be scored: {why[0] if why else 'too few events or comparable pairs'}."
         return (f"Cross-validated {label} {num(cv['mean'])} \u00b1 {num(cv.get('sd'))} over {cv.get('n')} "
                 f"fold fits ({rep}); patients never straddle folds.  0.5 = random ordering.")
     if not is_number(s.get("mean")):
-        return f"No held-out cohort could be scored ({label} needs events and comparable pairs)."
+        return f"No held-out cohort could be scored: {why[0] if why else 'too few events or comparable pairs'}."
     where = "cohorts never seen in training" if doc["protocol"] == "lodo" else "cohorts other than the training one"
     text = (f"On {where}, {label} is {num(s['mean'])} on average; the worst is "
             f"{s.get('worst_cohort', '?')} at {num(s.get('worst'))} ({rep}).")
-    internal = [v.get("mean") for v in (s.get("internal") or {}).values() if isinstance(v, dict)]
-    internal = [v for v in internal if is_number(v)]
-    if internal:
-        text += (f"  On held-out patients of the training cohorts (internal): "
-                 f"{num(sum(internal) / len(internal))} on average.")
+    pooled, within = _mean_of(s.get("internal")), _mean_of(s.get("internal_stratified"))
+    if pooled is not None or within is not None:
+        text += ("  On held-out patients of the training cohorts (internal): "
+                 + ", ".join(t for t in (f"{num(within)} comparing patients within a cohort" if within is not None
+                                         else "", f"{num(pooled)} pooled across cohorts" if pooled is not None
+                                         else "") if t) + ".")
     return text + "  0.5 = random ordering."
 
 
@@ -150,7 +183,10 @@ def context(folder: Folder, doc: dict, settings: dict[str, Any]) -> dict[str, An
         "metric_label": metric_label(metric),
         "protocol": protocol,
         "task": doc.get("task"),
-        "rows": headline_rows(doc),
+        "rows": (rows := headline_rows(doc)),
+        "notes": notes(rows),
+        "has_strat": any(r.get("internal_strat") for r in rows),
+        "has_pairs": any(r.get("pairs") is not None for r in rows),
         "secondary": secondary,
         "secondary_rows": sec_rows,
         "folds": folds,

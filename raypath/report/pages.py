@@ -29,7 +29,7 @@ import yaml
 
 from raypath.errors import RaypathError
 from raypath.evaluation.meanings import METRICS
-from raypath.io.storage import S3Options, atomic_write_bytes, join
+from raypath.io.storage import S3Options, atomic_write_bytes, join, redact
 from raypath.report import experiment as E
 from raypath.report import index as I
 from raypath.report import mil as M
@@ -88,11 +88,13 @@ def _raws(folder: Folder, files: list[str], skip: tuple[str, ...] = ()) -> list[
         text = folder.text(f)
         if text is None:  # a pickle under a .json name
             continue
-        if f.endswith(".json"):
-            try:
-                text = pretty_json(json.loads(text))
-            except ValueError:
-                pass
+        try:  # secrets masked again here, whoever wrote the file
+            if f.endswith(".json"):
+                text = pretty_json(redact(json.loads(text)))
+            else:
+                text = yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)
+        except (ValueError, yaml.YAMLError):
+            pass
         out.append((f"{f} (resolved settings)" if f == "config.yaml" else f, text))
     return out
 
@@ -104,7 +106,7 @@ def _config(folder: Folder) -> dict[str, Any]:
     except yaml.YAMLError:
         return {}
     doc = doc if isinstance(doc, dict) else {}
-    return doc.get("config", doc) if isinstance(doc.get("config", doc), dict) else {}
+    return redact(doc.get("config", doc)) if isinstance(doc.get("config", doc), dict) else {}
 
 
 def _nav(folder: Folder, linked: set[str] | None) -> dict[str, Any]:
