@@ -375,6 +375,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     else:
         out = _fit_ray(cfg, tiles, run_dir)
     metrics = pd.DataFrame(out["metrics"])
+    from raypath.report.tracking import track_adapt
+
+    track_adapt(cfg, run_dir, metrics)  # MLflow run, from the driver (RAYPATH_TRACKING=off to skip)
     return AdaptResult(run_dir, run_dir, metrics, out["start_epoch"], len(metrics), out["n_tiles"], out["trainable_params"])
 
 

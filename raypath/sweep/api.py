@@ -247,8 +247,9 @@ def build_scheduler(space: SweepSpace, n_folds: int):
 def _driver_callbacks(cfg: SweepConfig, sweep_dir: str) -> list:
     """Tune callbacks that run in the driver: the progress line (and experiment tracking)."""
     from raypath.io.progress import tune_progress
+    from raypath.report.tracking import tune_callbacks
 
-    return [tune_progress(f"sweep {cfg.name}", cfg.num_samples)]
+    return [tune_progress(f"sweep {cfg.name}", cfg.num_samples), *tune_callbacks(cfg.workdir, cfg.name)]
 
 
 def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
@@ -303,7 +304,11 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
     tuner = _tuner(cfg, trainable, space, sweep_dir, tune_path, n_folds, max_conc, already, callbacks)
     grid = tuner.fit()
-    return write_outputs(grid, cfg, space, plans, sweep_dir, clinical)
+    result = write_outputs(grid, cfg, space, plans, sweep_dir, clinical)
+    from raypath.report.tracking import track_sweep
+
+    track_sweep(cfg, sweep_dir, result)  # the summary run; each trial was logged by tune_callbacks
+    return result
 
 
 def _check_resume(cfg: SweepConfig, sweep_dir: str, tune_path: str) -> tuple[SweepConfig, bool]:
