@@ -85,3 +85,26 @@ def test_damaged_tiles_are_reported_on_the_scaled_path(slide40x, tmp_path):
     assert found["full"], "the corruption must be detectable"
     assert set(found["scaled"]) == set(found["full"])
     assert all(v.startswith("corrupt_tile_data:") for v in found["scaled"].values())
+
+
+def test_embed_read_task_uses_the_decode_mode_and_it_is_in_the_identity(slide40x, tmp_path):
+    import pyarrow as pa
+
+    from raypath.embed.api import model_identity, read_planned_slide
+    from raypath.embed.identity import DEFAULT_DECODE, slide_cache_key
+    from raypath.schemas import TILES
+    from raypath.wsi.tile_table import prepare_dataset, tiles_hash, write_slide_tiles
+
+    tiles = _grid(1792, 1344, 448).assign(slide_id="x40", target_mpp=0.5, tissue_fraction=1.0)
+    prepare_dataset(str(tmp_path))
+    write_slide_tiles(str(tmp_path), "x40", pa.Table.from_pandas(tiles[TILES.names], schema=TILES, preserve_index=False))
+    sha = tiles_hash(tiles)
+    got = {}
+    for mode in ("full", "scaled"):
+        rows = list(read_planned_slide("x40", str(slide40x), str(tmp_path), sha, 224, 8, decode=mode))
+        assert all(not e for r in rows for e in r["error"])
+        got[mode] = np.concatenate([r["image"] for r in rows])
+    assert _psnr(got["full"], got["scaled"]) >= 35 and not np.array_equal(got["full"], got["scaled"])
+    full, scaled = (model_identity("tiny-vit", "random", None, decode=m) for m in ("full", "scaled"))
+    assert full.decode == DEFAULT_DECODE and scaled.decode != full.decode
+    assert slide_cache_key("fp", sha, full, "float16") != slide_cache_key("fp", sha, scaled, "float16")

@@ -49,6 +49,14 @@ from raypath.errors import RaypathError
 #: The decode path of :mod:`raypath.wsi.reader`: each stored JPEG tile decoded once,
 #: ``read_px`` resized to ``tile_px`` with PIL bilinear, then bilinear+antialias to the model's side on the device.
 DEFAULT_DECODE = "fast-reader:pil-bilinear"
+#: ``raypath embed --decode scaled``: when a read is downsampled, stored JPEG tiles are decoded at
+#: 1/2, 1/4 or 1/8 inside libjpeg-turbo (DCT scaling), then resized with PIL bilinear if still needed.
+SCALED_DECODE = "fast-reader:dct-scaled+pil-bilinear"
+
+
+def decode_id(mode: str) -> str:
+    """The identity's ``decode`` value of a reader decode mode (``"full"`` / ``"scaled"``)."""
+    return {"full": DEFAULT_DECODE, "scaled": SCALED_DECODE}[mode]
 #: Tile geometry columns hashed per slide (int64 each).
 TILE_COLUMNS = ("tile_id", "x", "y", "level", "read_px", "tile_px")
 #: Fields that say which model made the features (not which slides or tiles).
@@ -205,6 +213,8 @@ def slide_cache_key(fingerprint: str, tiles: pd.DataFrame | str, ident: FeatureI
         doc["prompt_sha256"] = ident.prompt_sha256
     if ident.variant is not None:
         doc["variant"] = ident.variant
+    if ident.decode not in (None, DEFAULT_DECODE):  # other pixels, other features (full decode: keys unchanged)
+        doc["decode"] = ident.decode
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
