@@ -108,3 +108,25 @@ def test_embed_read_task_uses_the_decode_mode_and_it_is_in_the_identity(slide40x
     full, scaled = (model_identity("tiny-vit", "random", None, decode=m) for m in ("full", "scaled"))
     assert full.decode == DEFAULT_DECODE and scaled.decode != full.decode
     assert slide_cache_key("fp", sha, full, "float16") != slide_cache_key("fp", sha, scaled, "float16")
+
+
+def test_gpu_decode_path_on_cpu_matches_the_reader(slide40x):
+    """decode="gpu" without a GPU: packets from the read side, decoded by torchvision on the CPU (smoke)."""
+    import torch
+
+    from raypath.embed.api import TileEmbedder
+    from raypath.embed.gpu_decode import decode_packets, slide_packets
+
+    for read_px, min_db in ((224, 40), (448, 30)):
+        tiles = _grid(1792, 1344, read_px).assign(x=lambda d: d.x + 100)  # off the stored-tile grid
+        tiles = tiles[tiles.x + read_px <= 1792]
+        ref = _read(slide40x, tiles, "full")
+        got = {}
+        for tid, packets in slide_packets(str(slide40x), tiles, batch_tiles=5):
+            imgs = decode_packets(packets, np.ones(len(packets), bool), "cpu")
+            assert imgs.dtype == torch.uint8 and tuple(imgs.shape[1:]) == (224, 224, 3)
+            got.update(zip(tid.tolist(), imgs.numpy()))
+        assert _psnr(ref, np.stack([got[t] for t in tiles["tile_id"]])) >= min_db
+    emb = TileEmbedder("tiny-vit", weights=None, adapter=None, batch_size=4, device="cpu", dtype="float32")
+    t = torch.from_numpy(ref[:3])
+    np.testing.assert_allclose(emb.embed(t), emb.embed(ref[:3]), rtol=1e-5, atol=1e-5)

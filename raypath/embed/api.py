@@ -92,7 +92,9 @@ class EmbedConfig(StageConfig):
         "'random' = random init (tests/benchmarks)",
     )
     adapter: str | None = Field(None, description="peft adapter folder (adapters/<run>/) merged into the model")
-    batch_size: int = Field(64, ge=1, description="tiles per forward pass")
+    batch_size: int = Field(
+        64, ge=0, description="tiles per forward pass (0: chosen by a short probe on one model replica, "
+        "see raypath.embed.fast)")
     num_actors: int | None = Field(None, ge=1, description="model replicas (default: one per GPU, or derived from CPUs)")
     num_gpus_per_actor: float | None = Field(
         None, ge=0, description="GPUs per model replica (default: 1 if the cluster has GPUs, else 0 = CPU)"
@@ -105,10 +107,11 @@ class EmbedConfig(StageConfig):
         "the forward pass, 1 on CPU)",
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the features")
-    amp: Literal["auto", "bf16", "fp16", "bf16-weights", "off"] = Field(
+    amp: Literal["auto", "bf16", "fp16", "bf16-weights", "fast", "off"] = Field(
         "auto",
         description="GPU precision: autocast bf16 (auto) or fp16, or bf16-weights = the whole model cast to bf16 "
-        "(faster: half the memory traffic of the element-wise ops; numerics differ slightly from autocast)",
+        "(faster: half the memory traffic of the element-wise ops; numerics differ slightly from autocast), or "
+        "fast = bf16 weights + SDPA + torch.compile cached on disk (raypath.embed.fast; fp32 on a CPU)",
     )
     compile: bool = Field(False, description="torch.compile the model (GPU; pays a warm-up per actor)")
     channels_last: bool = Field(False, description="channels-last input layout")
@@ -131,10 +134,11 @@ class EmbedConfig(StageConfig):
         "skip", description="tiles whose JPEG data is damaged (decode raised or warned): recorded in manifest.json, "
         "then left out of the features (skip) or embedded with the decoder's best effort (keep)",
     )
-    decode: Literal["full", "scaled"] = Field(
-        "full", description="tile decoding: full (exact read_region pixels) or scaled (when the read is downsampled, "
+    decode: Literal["full", "scaled", "gpu"] = Field(
+        "full", description="tile decoding: full (exact read_region pixels); scaled (when the read is downsampled, "
         "e.g. 40x slides at 0.5 um/px, JPEG tiles are decoded at 1/2, 1/4 or 1/8 inside libjpeg-turbo: ~2-3x faster "
-        "reading; part of the feature identity)",
+        "reading); gpu (read tasks ship compressed tiles, the model actor decodes them: nvJPEG on a GPU). "
+        "Part of the feature identity",
     )
     max_damaged_fraction: float = Field(
         0.05, ge=0, le=1, description="a slide with more damaged tiles than this is failed (corrupt_tile_data)"
@@ -214,6 +218,9 @@ def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size:
     from raypath.wsi.reader import read_tiles
 
     pos = tiles.set_index("tile_id")[["x", "y"]]
+    if decode == "gpu":
+        yield from _packet_batches(slide_id, uri, tiles, pos, batch_size, s3)
+        return
     damaged: dict[int, str] = {}  # tile_id -> cause, filled by the reader (raypath.wsi.jpeg)
     try:
         with activity(f"embed slide {slide_id}"):
@@ -245,7 +252,8 @@ def read_planned_slide(slide_id: str, uri: str, workdir: str, tiles_sha256: str,
         tiles = read_slide_tiles(workdir, slide_id, s3, columns=list(_TILE_COLS)).sort_values("tile_id")
     except Exception as e:
         if as_outage(e, s3) is not None:
-            raise as_outage(e, s3) from None
+            yield _error_row(slide_id, tile_px, as_outage(e, s3).as_record())
+            return
         yield _error_row(slide_id, tile_px, f"unreadable: reading its rows of tiles.parquet failed "
                          f"({type(e).__name__}: {e}); re-run `raypath tile`")
         return
@@ -260,8 +268,12 @@ def _read_fn(batch: dict[str, np.ndarray], workdir: str, batch_size: int,
              num_threads: int, decode: str = "full") -> Iterator[dict[str, np.ndarray]]:
     """Ray Data read UDF: one planned slide (slide_id, uri, tiles_sha256, tile_px) per input row."""
     for sid, uri, sha, px in zip(batch["slide_id"], batch["uri"], batch["tiles_sha256"], batch["tile_px"]):
-        yield from read_planned_slide(str(sid), str(uri), workdir, str(sha), int(px), batch_size,
-                                      num_threads, S3Options.from_env(), decode)
+        for row in read_planned_slide(str(sid), str(uri), workdir, str(sha), int(px), batch_size,
+                                      num_threads, S3Options.from_env(), decode):
+            if decode == "gpu" and "image" in row:  # an error row: one block schema (packets, no pixels)
+                row.pop("image")
+                row["packet"] = np.array([b""], dtype=object)
+            yield row
 
 
 class TileEmbedder:
@@ -289,13 +301,18 @@ class TileEmbedder:
         on_gpu = device.startswith("cuda")
         self.amp_dtype = None
         self.input_dtype = torch.float32
-        if on_gpu and amp == "bf16-weights":
+        self._forward = self.backbone
+        if amp == "fast":  # bf16 weights + SDPA + cached torch.compile on a GPU (raypath.embed.fast)
+            from raypath.embed.fast import fast_path
+
+            self._forward, self.input_dtype = fast_path(self.backbone, device, compile=True)
+            compile = on_gpu
+        elif on_gpu and amp == "bf16-weights":
             self.backbone.to(torch.bfloat16)
             self.input_dtype = torch.bfloat16
         elif on_gpu and amp != "off":
             self.amp_dtype = resolve_precision(device, amp).dtype  # bf16, or fp16 where the GPU lacks bf16
-        self._forward = self.backbone
-        if compile:
+        if compile and self._forward is self.backbone:
             self._forward = torch.compile(self.backbone)
         import threading
 
@@ -329,10 +346,13 @@ class TileEmbedder:
         for s in range(0, n, B):
             chunk = images[s : s + B]
             m = len(chunk)
+            on_device = isinstance(chunk, torch.Tensor)  # decode="gpu": tiles decoded on the actor's device
             if m < B:  # pad: a tile's features must not depend on its batch-mates' count
-                pad = np.zeros((B - m,) + chunk.shape[1:], np.uint8)
-                chunk = np.concatenate([chunk, pad])
-            t = torch.from_numpy(np.ascontiguousarray(chunk))
+                if on_device:
+                    chunk = torch.cat([chunk, chunk.new_zeros((B - m,) + tuple(chunk.shape[1:]))])
+                else:
+                    chunk = np.concatenate([chunk, np.zeros((B - m,) + chunk.shape[1:], np.uint8)])
+            t = chunk if on_device else torch.from_numpy(np.ascontiguousarray(chunk))
             with torch.inference_mode():
                 x = self.backbone.preprocess(t).to(self.input_dtype)
                 ctx = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -352,8 +372,16 @@ class EmbedActor:
         self.variant = kw.pop("variant", None)  # generated view: raypath.embed.variants.VariantSpec
         self.embedder = TileEmbedder(**kw)
 
+    def _decoded(self, batch: dict[str, np.ndarray]):
+        """decode="gpu": the batch's packets decoded on this actor's device (raypath.embed.gpu_decode)."""
+        from raypath.embed.gpu_decode import decode_packets
+
+        ok = np.array([not e for e in np.asarray(batch["error"], dtype=object)], bool)
+        images = decode_packets(batch["packet"], ok, self.embedder.device)
+        return images.cpu().numpy() if self.variant is not None else images
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch["image"]
+        images = batch["image"] if "packet" not in batch else self._decoded(batch)
         if self.variant is not None:
             from raypath.embed.variants import apply_variant
 
@@ -810,6 +838,30 @@ def _run_pipeline(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, col: _Coll
     return t
 
 
+def _probe_batch(cfg: EmbedConfig) -> int:
+    """``--batch-size 0``: the batch size :func:`raypath.embed.fast.probe_batch_size` picks on one replica
+    (a Ray task with the actors' resources; the eager model: compiling each size would cost minutes)."""
+    from raypath.io.ray_env import ensure_ray
+
+    ray = ensure_ray()
+    _, gpus, cpus = derive_resources(cfg)
+    amp = "bf16-weights" if cfg.amp == "fast" else cfg.amp
+
+    def probe() -> int:
+        from raypath.embed.fast import probe_batch_size
+        from raypath.fm.registry import get_spec
+
+        def make(b: int) -> TileEmbedder:
+            return TileEmbedder(cfg.model, cfg.weights, cfg.adapter, b, amp=amp, dtype=cfg.dtype,
+                                num_threads=None if gpus > 0 else int(cpus))
+
+        return probe_batch_size(make, get_spec(cfg.model).img_size)[0]
+
+    best = int(ray.get(ray.remote(num_gpus=gpus, num_cpus=cpus)(probe).remote()))
+    log.info("embed: --batch-size 0 -> %d (probe)", best)
+    return best
+
+
 def embed(cfg: EmbedConfig) -> EmbedResult:
     """Embed every tile of ``cfg.workdir``'s slides; see the module docstring.
 
@@ -826,6 +878,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     check_storage([cfg.workdir, feature_dir], s3)
     plan = plan_embed(cfg, ident, feature_dir, s3)
     check_storage([t.uri for t in plan.todo], s3)
+    if cfg.batch_size == 0 and plan.todo:
+        cfg = cfg.model_copy(update={"batch_size": _probe_batch(cfg)})
     log.info("embed: model %s -> %s; %d slides to embed (%d tiles), %d up to date", ident.spec.key, feature_dir,
              len(plan.todo), plan.n_tiles, sum(r["status"] == "skipped" for r in plan.rows))
     cfg.save(feature_dir)

@@ -52,11 +52,14 @@ DEFAULT_DECODE = "fast-reader:pil-bilinear"
 #: ``raypath embed --decode scaled``: when a read is downsampled, stored JPEG tiles are decoded at
 #: 1/2, 1/4 or 1/8 inside libjpeg-turbo (DCT scaling), then resized with PIL bilinear if still needed.
 SCALED_DECODE = "fast-reader:dct-scaled+pil-bilinear"
+#: ``raypath embed --decode gpu``: compressed tiles decoded by the model actor (torchvision decode_jpeg:
+#: nvJPEG on CUDA), read square resized on the device (bilinear, antialiased).
+GPU_DECODE = "actor-decode_jpeg:torch-bilinear-antialias"
 
 
 def decode_id(mode: str) -> str:
     """The identity's ``decode`` value of a reader decode mode (``"full"`` / ``"scaled"``)."""
-    return {"full": DEFAULT_DECODE, "scaled": SCALED_DECODE}[mode]
+    return {"full": DEFAULT_DECODE, "scaled": SCALED_DECODE, "gpu": GPU_DECODE}[mode]
 #: Tile geometry columns hashed per slide (int64 each).
 TILE_COLUMNS = ("tile_id", "x", "y", "level", "read_px", "tile_px")
 #: Fields that say which model made the features (not which slides or tiles).

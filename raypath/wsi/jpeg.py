@@ -50,6 +50,17 @@ def _imagecodecs(data: bytes, tables, colorspace, outcolorspace, shape) -> np.nd
                                     shape=shape)
 
 
+def jpeg_stream(data: bytes, tables: bytes | None, colorspace) -> bytes:
+    """A stored tile as a complete JPEG any decoder reads as tifffile does: the page's ``JPEGTables``
+    merged in, and an Adobe marker stating the colour transform (RGB stored as RGB, or YCbCr)."""
+    stream = _SOI
+    if colorspace is not None:  # None: libjpeg's own guess (JFIF/component ids), as tifffile leaves it
+        stream += _adobe(0 if colorspace == _RGB else 1)
+    if tables:
+        stream += bytes(tables[2:-2])  # the tables' own SOI/EOI removed
+    return stream + bytes(data[2:])
+
+
 def decode_tile(data: bytes, tables: bytes | None, colorspace, outcolorspace,
                 shape: tuple[int, int], scale: int = 1) -> tuple[np.ndarray, str | None]:
     """Decode a stored JPEG tile; return ``(rgb uint8 [h, w, 3], damage)``.
@@ -93,12 +104,7 @@ def decode_tile(data: bytes, tables: bytes | None, colorspace, outcolorspace,
 
     if not data.startswith(_SOI):
         return np.zeros((shape[0], shape[1], 3), np.uint8), "not a JPEG stream (no start-of-image marker)"
-    stream = _SOI
-    if colorspace is not None:  # None: libjpeg's own guess (JFIF/component ids), as tifffile leaves it
-        stream += _adobe(0 if colorspace == _RGB else 1)
-    if tables:
-        stream += bytes(tables[2:-2])  # the tables' own SOI/EOI removed
-    stream += bytes(data[2:])
+    stream = jpeg_stream(data, tables, colorspace)
     try:
         arr = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, **kw)
         damage = None if arr.shape[:2] == tuple(shape) else (
