@@ -238,9 +238,32 @@ def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size:
                 }
     except Exception as e:  # a bad slide is recorded, never stops the run (an outage does: exit 4)
         px = int(tiles["tile_px"].iloc[0]) if len(tiles) else 224
-        msg = _read_failure(e, uri, s3)
+        try:
+            msg = _read_failure(e, uri, s3)
+        except StorageUnavailable as outage:  # handed to the driver as data: it stops the run
+            yield _error_row(slide_id, px, outage.as_record())
+            return
         log.warning("embed: slide %s failed while reading: %s", slide_id, msg)
         yield _error_row(slide_id, px, msg)
+
+
+def _packet_batches(slide_id: str, uri: str, tiles: pd.DataFrame, pos: pd.DataFrame, batch_size: int,
+                    s3: S3Options | None) -> Iterator[dict[str, np.ndarray]]:
+    """decode="gpu": rows carry compressed-tile packets (raypath.embed.gpu_decode) instead of pixels."""
+    from raypath.embed.gpu_decode import slide_packets
+
+    try:
+        for tid, packets in slide_packets(uri, tiles, batch_size, s3):
+            xy = pos.loc[tid].to_numpy(np.int64)
+            packet = np.empty(len(packets), dtype=object)
+            packet[:] = packets
+            yield {"slide_id": np.full(len(tid), slide_id, dtype=object), "tile_id": tid, "x": xy[:, 0],
+                   "y": xy[:, 1], "packet": packet, "error": np.full(len(tid), "", dtype=object),
+                   "damage": np.full(len(tid), "", dtype=object)}
+    except Exception as e:  # a bad slide is recorded, never stops the run (an outage does: exit 4)
+        msg = _read_failure(e, uri, s3)
+        log.warning("embed: slide %s failed while reading: %s", slide_id, msg)
+        yield _error_row(slide_id, 224, msg)
 
 
 def read_planned_slide(slide_id: str, uri: str, workdir: str, tiles_sha256: str, tile_px: int,
