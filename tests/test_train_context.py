@@ -105,6 +105,8 @@ def test_local_kill_and_resume(tmp_path, reference):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_0004"]
     # a half-written checkpoint (no COMPLETE marker) is never resumed from
     (tmp_path / "ckpt" / "epoch_0009").mkdir()
+    (tmp_path / "ckpt" / "epoch_0004.tmp-123").mkdir()  # a copy cut short by a crash
+    (tmp_path / "ckpt" / "epoch_0004.tmp-123" / "COMPLETE").write_text("4")
     assert LocalContext(ckpt).latest_checkpoint().endswith("epoch_0004")
 
 

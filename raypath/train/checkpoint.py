@@ -128,7 +128,8 @@ def _names(root: str, prefix: str) -> tuple[object, str, list[str]]:
     if not fs.exists(base):
         return fs, base, []
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-    return fs, base, [n for n in names if n.startswith(prefix)]
+    # ".tmp-<pid>": a copy in progress (or left by a crash), never a checkpoint
+    return fs, base, [n for n in names if n.startswith(prefix) and ".tmp-" not in n]
 
 
 def latest_checkpoint(root: str, prefix: str = "") -> str | None:
