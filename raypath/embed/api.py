@@ -50,7 +50,7 @@ import pandas as pd
 from pydantic import Field
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
-from raypath.errors import EXIT_SOME_FAILED, RaypathError, cause_of, failure_counts
+from raypath.errors import EXIT_SOME_FAILED, RaypathError, StorageUnavailable, cause_of, failure_counts
 from raypath.embed.store import (
     CACHE_KEY_META,
     MANIFEST_VERSION,
