@@ -100,7 +100,9 @@ class TrainContext:
         """Set the wanted device / precision (a trainer whose parameters carry
         them calls this before the first use of :attr:`device`)."""
         if self._precision is not None:
-            raise RuntimeError("configure() after the context's device was resolved")
+            if (device in (None, self._wanted_device)) and (amp in (None, self.amp)):
+                return self  # nothing changes (e.g. a context reused for a second run)
+            raise RuntimeError("configure() with another device/precision after the context's device was resolved")
         if device is not None:
             self._wanted_device = device
         if amp is not None:
