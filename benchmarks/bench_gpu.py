@@ -12,6 +12,12 @@ from host memory through the same preprocessing), and the pipeline rate of
 ``raypath embed`` (Ray Data read tasks -> one GPU actor -> parquet files) in
 its steady state and end to end including start-up.  Fractions: pipeline /
 model-only, and achieved FLOP/s / the GPU's dense bf16 peak.
+Start-up (Ray, actors, model load) is reported on its own (``startup_s``); with
+``RAY_ADDRESS`` set the run joins that cluster instead of starting one.  ``--decode gpu``
+moves JPEG decoding into the GPU actor (nvJPEG), ``--amp fast`` uses bf16 weights + SDPA +
+cached torch.compile, ``--check-fp32`` adds the cosine of those features to fp32's, and
+``cores_per_1000_tiles_s`` is the machine's CPU use per 1,000 tiles/s of pipeline.
+``--smoke`` checks all of it on a CPU with the tiny model.
 Prints a table and writes benchmarks/results/gpu.json.
 """
 
@@ -79,6 +85,36 @@ def model_only(key: str, batch: int, seconds: float, compile: bool, device: str 
     return rate, flops
 
 
+def cpu_busy_s() -> float:
+    """Seconds of CPU time used by the whole machine so far (all cores; /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [float(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def fp32_cosine(key: str, path: Path, amp: str, device: str, n: int = 256) -> tuple[float, float]:
+    """(mean, min) cosine between the features of ``amp`` and of fp32 on ``n`` real tiles of one slide."""
+    import tiffslide
+
+    from _common import grid_tiles
+    from raypath.embed.api import TileEmbedder
+    from raypath.wsi.reader import read_tiles
+
+    with tiffslide.TiffSlide(str(path)) as s:
+        w, h = s.dimensions
+    imgs = np.concatenate([im for _, im in read_tiles(str(path), grid_tiles("s", w, h).head(n), batch_tiles=64)])
+    feats = []
+    for a in (amp, "off"):
+        emb = TileEmbedder(key, "random", None, 64, device=device, amp=a, dtype="float32")
+        feats.append(emb.embed(imgs))
+        del emb
+        gc.collect()
+    a, b = feats
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.mean()), float(cos.min())
+
+
 def _make(args):
     path, px, seed = args
     return mosaic_slide(Path(path), px, px, seed=seed)
@@ -95,8 +131,11 @@ def main(argv=None) -> int:
                     help="aim for about this many seconds of pipeline per model (slides are subset)")
     ap.add_argument("--compile", action="store_true", help="torch.compile in both measurements")
     ap.add_argument("--actor-concurrency", type=int, default=None)
-    ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "bf16-weights"],
-                    help="precision in both measurements (bf16 = autocast)")
+    ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "bf16-weights", "fast"],
+                    help="precision in both measurements (bf16 = autocast; fast = bf16 weights + SDPA + compile)")
+    ap.add_argument("--decode", default="full", choices=["full", "scaled", "gpu"],
+                    help="tile decoding in the pipeline (gpu: the model actor decodes with nvJPEG)")
+    ap.add_argument("--check-fp32", action="store_true", help="cosine of --amp features vs fp32 on 256 real tiles")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak if the GPU is not known")
     ap.add_argument("--workdir", default=None, help="reuse slides here (default: a temp dir)")
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script with a tiny model")
@@ -136,18 +175,23 @@ def main(argv=None) -> int:
         mo, fl = model_only(key, args.batch_size, args.model_only_s, args.compile, device, args.amp)
         n_sl = int(min(len(sdf), max(4, np.ceil(mo * args.pipeline_s / per_slide))))
         ids = sorted(sdf.slide_id)[:n_sl]
+        busy0 = cpu_busy_s()
         res = embed(EmbedConfig(workdir=str(root), model=key, weights="random", batch_size=args.batch_size,
                                 slide_ids=ids, force=True, compile=args.compile, progress_interval_s=5, amp=args.amp,
-                                actor_concurrency=args.actor_concurrency,
+                                actor_concurrency=args.actor_concurrency, decode=args.decode,
                                 feature_dir=str(root / "features" / shape)))
+        cores = (cpu_busy_s() - busy0) / max(res.elapsed_s, 1e-9)  # whole machine, start-up included
         ok = (res.slides.status == "done").all()
         steady = res.steady_tiles_per_s or float("nan")
         row = {
             "shape": shape, "model": key, "gflops_per_tile": fl / 1e9, "tiles": res.tiles_embedded,
             "model_only_tiles_s": mo, "pipeline_tiles_s": steady,
             "end_to_end_tiles_s": res.tiles_per_s, "startup_s": res.first_output_s or float("nan"),
-            "frac_model_only": steady / mo, "all_slides_ok": bool(ok),
+            "frac_model_only": steady / mo, "all_slides_ok": bool(ok), "decode": args.decode,
+            "cpu_cores_used": cores, "cores_per_1000_tiles_s": cores / max(res.tiles_per_s / 1000, 1e-9),
         }
+        if args.check_fp32:
+            row["cos_fp32_mean"], row["cos_fp32_min"] = fp32_cosine(key, Path(jobs[0][0]), args.amp, device)
         if peak:
             row["frac_bf16_peak_model_only"] = fl * mo / peak
             row["frac_bf16_peak_pipeline"] = fl * steady / peak
@@ -158,7 +202,8 @@ def main(argv=None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     cols = ["shape", "model", "gflops_per_tile", "tiles", "model_only_tiles_s", "pipeline_tiles_s",
-            "frac_model_only", "end_to_end_tiles_s", "startup_s"]
+            "frac_model_only", "end_to_end_tiles_s", "startup_s", "cores_per_1000_tiles_s"]
+    cols += ["cos_fp32_mean", "cos_fp32_min"] if args.check_fp32 else []
     if peak:
         cols += ["frac_bf16_peak_model_only", "frac_bf16_peak_pipeline"]
     print()
@@ -166,7 +211,8 @@ def main(argv=None) -> int:
           f"slides {args.slide_px}px, 224px level-0 tiles, {per_slide} per slide")
     print(table(rows, cols))
     save("gpu" if not args.smoke else "gpu_smoke", {"gpu": gpu, "peak_bf16_flops": peak, "batch_size": args.batch_size, "slide_px": args.slide_px,
-                 "tiles_per_slide": per_slide, "compile": args.compile, "amp": args.amp, "rows": rows})
+                 "tiles_per_slide": per_slide, "compile": args.compile, "amp": args.amp, "decode": args.decode,
+                 "ray_address": os.environ.get("RAY_ADDRESS") or None, "rows": rows})
     return 0
 
 

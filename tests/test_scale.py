@@ -50,17 +50,22 @@ def test_store_bags_read_on_use_with_a_bounded_cache(tmp_path):
 def test_driver_planning_memory_is_flat_in_cohort_size(tmp_path):
     """Peak RSS of the driver's planning (tile index, embed plan, MIL/robustness planning) in a fresh
     subprocess at 100 and 1,000 simulated slides: growth below 10 %."""
-    peaks = {}
+    peaks, stages = {}, {}
     for n in (100, 1000):
         out = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--slides", str(n),
              "--tiles-per-slide", "2000", "--bag-tiles", "200", "--workdir", str(tmp_path / f"c{n}"),
-             "--stages", "embed,mil,robustness", "--json"],
+             "--stages", "tile,embed,mil", "--json"],
             capture_output=True, text=True, timeout=280, cwd=ROOT,
             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
         )
         assert out.returncode == 0, out.stderr[-3000:]
         res = json.loads(out.stdout.strip().splitlines()[-1])
         peaks[n] = res["driver_peak_rss_mb"]
-    growth = peaks[1000] / peaks[100] - 1
-    assert growth < 0.10, peaks
+        stages[n] = {k: v["peak_rss_mb"] for k, v in res["stages"].items()}
+        assert res["stages"]["embed"]["tiles"] == n * 2000
+    assert peaks[1000] / peaks[100] - 1 < 0.10, peaks
+    # the stages whose inputs grow with the tiles (not only with the slides) stay flat one by one
+    # (robustness is not listed: its tile sample grows with the cohort up to its cap, by design)
+    for stage in ("embed", "tile", "mil"):
+        assert stages[1000][stage] / stages[100][stage] - 1 < 0.10, (stage, stages)

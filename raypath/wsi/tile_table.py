@@ -112,10 +112,17 @@ def layout(workdir: str, s3: S3Options | None = None) -> str | None:
     return None
 
 
+def _names(workdir: str, s3: S3Options | None) -> list[str]:
+    """File names in the dataset directory (locally without a stat per file: 10,000 parts list in ms)."""
+    fs, path = _fs_path(tiles_uri(workdir), s3)
+    if not is_remote(workdir):
+        return os.listdir(path) if os.path.isdir(path) else []
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+
+
 def _part_paths(workdir: str, s3: S3Options | None) -> list[str]:
     """Data files of the dataset directory, sorted (what pyarrow.dataset would read)."""
-    fs, path = _fs_path(tiles_uri(workdir), s3)
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    names = _names(workdir, s3)
     keep = sorted(n for n in names if n.endswith(".parquet") and not n.startswith((".", "_")))
     return [join(tiles_uri(workdir), n) for n in keep]
 
@@ -150,8 +157,7 @@ def finish_dataset(workdir: str, slide_ids: Iterable[str], s3: S3Options | None 
     fs, path = _fs_path(tiles_uri(workdir), s3)
     with contextlib.suppress(Exception):
         fs.invalidate_cache(path)
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
-    for n in names:
+    for n in _names(workdir, s3):
         if n not in keep and (n.startswith(PART_PREFIX) or n == EMPTY_PART or ".tmp-" in n):
             fs.rm(join(path, n) if is_remote(workdir) else os.path.join(path, n))
     if not keep:

@@ -487,9 +487,12 @@ def tile(cfg: TileConfig) -> pd.DataFrame:
     check_storage([cfg.workdir], s3)
     if not exists(slides_uri, s3):
         raise RaypathError(f"{slides_uri} not found: run `raypath ingest --workdir {cfg.workdir}` first")
-    slides = read_parquet(slides_uri, s3).to_pandas()
-    ok = slides[slides["status"] == SLIDE_STATUS_OK]
     cols = ["slide_id", "uri", "mpp_x", "level_downsamples"]
+    try:  # only what tiling uses (the driver holds one row per slide)
+        slides = read_parquet(slides_uri, s3, columns=[*cols, "status", "error"]).to_pandas()
+    except (KeyError, ValueError):  # pyarrow: a column is missing (a hand-written table)
+        slides = read_parquet(slides_uri, s3).to_pandas()
+    ok = slides[slides["status"] == SLIDE_STATUS_OK]
     rows = [{c: r[c] for c in cols} for _, r in ok.iterrows()]
     for r in rows:
         r["level_downsamples"] = [float(d) for d in r["level_downsamples"]]
