@@ -178,3 +178,14 @@ def test_sweep_accepts_a_patch_space_and_runs_trials_on_ray_tune(study, tmp_path
     first = t[t["param:patch.method"] == "lora"].iloc[0]
     cfg = yaml.safe_load(open(os.path.join(str(tmp_path / "w"), "runs", first["run"], "config.yaml")))["config"]
     assert cfg["methods"] == ["lora"] and cfg["rank"] == 4 and cfg["fractions"] == [1.0] and cfg["protocols"] == ["lodo"]
+
+
+def test_fits_run_as_ray_tasks_and_fine_tune_on_ray_train(study, tmp_path, ray_session):
+    out, _ = study
+    cfg = _cfg(str(tmp_path / "w"), out, methods=["linear", "lora"], protocols=["scaling"], fractions=[1.0],
+               executor="ray", train_workers=1, fit_cpus=0.5, max_epochs=2, n_boot=0)
+    doc = run_patch(cfg)
+    assert doc["fits"] == 2
+    rec = json.load(open(os.path.join(cfg.run_dir(), "fits", "scaling__all__lora__f1__s42.json")))
+    assert rec["info"]["context"] == "Ray Train" and rec["info"]["epochs"] == 2
+    assert 0 < rec["info"]["trainable_params"] < 50000  # adapter + head only (tiny-vit has ~80k weights)

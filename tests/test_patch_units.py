@@ -265,3 +265,22 @@ def test_methods_are_pluggable():
         METHODS.pop("majority-test", None)
     with pytest.raises(RaypathError, match="unknown patch method"):
         get_method("majority-test")
+
+
+def test_the_lora_claim_is_checked_per_seed_and_not_judged_at_chance_level():
+    from raypath.patch.outputs import headline_sentences, lora_check
+
+    def table(small, full):
+        rows = [{"protocol": "scaling", "test_on": "all", "method": "lora", "fraction": f, "seed": s,
+                 "balanced_accuracy": v} for f, vals in ((0.1, small), (1.0, full)) for s, v in zip((42, 43), vals)]
+        return pd.DataFrame(rows)
+
+    ok = lora_check(table([0.88, 0.90], [0.90, 0.91]), "balanced_accuracy")
+    assert ok["testable"] and ok["holds"] and ok["ratio_min"] == pytest.approx(0.88 / 0.90)
+    no = lora_check(table([0.70, 0.80], [0.90, 0.90]), "balanced_accuracy")
+    assert no["testable"] and not no["holds"] and no["ratio_mean"] == pytest.approx(0.75 / 0.9)
+    noise = lora_check(table([0.55, 0.52], [0.50, 0.53]), "balanced_accuracy")
+    assert not noise["testable"] and not noise["holds"]  # ratio > 1, but both at chance
+    line = headline_sentences({"metric": "balanced_accuracy", "lora_10pct": {"lora": noise}})[0]
+    assert "cannot be tested here" in line
+    assert "does not hold" in headline_sentences({"metric": "balanced_accuracy", "lora_10pct": {"lora": no}})[0]
