@@ -164,16 +164,17 @@ def test_fold_adapts_and_selects_on_training_cohorts_only(tmp_path):
     """One adapter fold through the real adapt tile selection and the real MIL
     stage (embedding stubbed by the fixed features): what each step used is
     recorded and matches the plan."""
-    from raypath.adapt.api import AdaptConfig, sample_training_tiles
-    from raypath.sweep.objective import Stages, run_fold
+    from raypath.adapt.api import sample_training_tiles
+    from raypath.adapt.tuning import select_tuning_tiles
+    from raypath.sweep.objective import Stages, adapt_config_for_fold, run_fold
 
-    clin = make_workdir(tmp_path, tiles=True)
+    clin = make_workdir(tmp_path, n_slides=60, tiles=True)  # >= 10 comparable pairs in the selection set
     space, plans, ctx = _fold_ctx(tmp_path, clin)
     seen: dict[str, list] = {}
 
-    def adapt(settings, plan, run):
-        cfg = AdaptConfig(**{**settings, "cohorts": plan.train_cohorts, "run": run})
-        tiles = sample_training_tiles(cfg.workdir, cfg.tiles_per_slide, cfg.cohorts, cfg.seed)
+    def adapt(settings, plan, run):  # the stage's own config and tile selection; training skipped
+        cfg = adapt_config_for_fold(settings, plan, run)
+        tiles = select_tuning_tiles(cfg, sample_training_tiles)
         seen["adapt"] = sorted(set(tiles.slide_id))
         return run
 
@@ -249,15 +250,36 @@ def _finished_folds(sweep_dir: Path, n_folds: int) -> dict[str, list[float]]:
     return out
 
 
+#: The sweep driver, killed by itself with SIGKILL the moment Tune registers its
+#: 2nd complete trial: the kill lands at the same point on every run (polling the
+#: folders from outside let a 3rd trial finish before the kill on a fast machine).
+KILL_AFTER_TWO = r"""
+import os, signal, sys
+from ray import tune
+from raypath.sweep.api import SweepConfig, run_sweep
+
+class KillAfter(tune.Callback):
+    def __init__(self, n):
+        self.n, self.done, self.pid = n, 0, os.getpid()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        # Tuner.restore brings its callbacks back in the resuming process: only this driver dies
+        if self.done >= self.n and os.getpid() == self.pid:
+            os.kill(self.pid, signal.SIGKILL)  # no chance to save anything
+
+cfg = SweepConfig(workdir=sys.argv[1], space=sys.argv[2], name="small", num_samples=4, max_concurrent_trials=1)
+run_sweep(cfg, callbacks=[KillAfter(2)])
+"""
+
+
 @pytest.mark.filterwarnings("ignore:Fixed parameter")  # the deliberately invalid first point
 def test_mil_sweep_kill_resume_and_best_config(ray_session, tmp_path):
-    """`raypath sweep` driver killed with SIGKILL after 2 finished trials; --resume
-    finishes the sweep without recomputing them; the failing trial is recorded;
-    the exported best config reproduces the best score through `raypath mil`."""
-    import signal
+    """The sweep driver is killed with SIGKILL right after its 2nd finished trial;
+    --resume finishes the sweep without recomputing them; the failing trial is
+    recorded; the exported best config reproduces the best score through `raypath mil`."""
     import subprocess
     import sys
-    import time
 
     from raypath.mil.api import MilConfig, run_mil
     from raypath.sweep.api import SweepConfig, run_sweep
@@ -266,22 +288,10 @@ def test_mil_sweep_kill_resume_and_best_config(ray_session, tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(SMALL_SPACE))
     d = tmp_path / "sweeps" / "small"
-    args = ["--workdir", str(tmp_path), "--space", str(space_file), "--name", "small", "--num-samples", "4",
-            "--max-concurrent-trials", "1"]
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    proc = subprocess.Popen([sys.executable, "-m", "raypath.cli", "sweep", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while len(_finished_folds(d, 3)) < 2:
-            assert proc.poll() is None, "the sweep driver ended before it was killed"
-            assert time.monotonic() < deadline, "no 2 finished trials within 300 s"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGKILL)  # no chance to save anything
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO, str(tmp_path), str(space_file)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == -9, "the sweep driver ended before it was killed"
     finished = _finished_folds(d, 3)
     assert len(finished) == 2
 
@@ -320,3 +330,27 @@ def test_mil_sweep_kill_resume_and_best_config(ray_session, tmp_path):
     out = run_mil(mil_cfg)
     assert out.summary["mean"] == pytest.approx(best["objectives"]["mean_external"], abs=0.02)
     assert out.summary["worst"] == pytest.approx(best["objectives"]["worst_external"], abs=0.02)
+
+
+def test_exit_code_counts_failures_by_cause_and_needs_a_complete_trial(capsys):
+    from raypath.sweep.cli import exit_code
+
+    t = pd.DataFrame({"trial_id": ["a", "b"], "status": ["error", "error"],
+                      "error": ["ValidationError: epochs >= 0", "RuntimeError: CUDA out of memory"]})
+    assert exit_code(t) == 1
+    err = capsys.readouterr().err
+    assert "first failure (trial a): ValidationError: epochs >= 0" in err and "RuntimeError x1" in err
+    assert exit_code(t.assign(status=["error", "complete"])) == 0
+    assert exit_code(pd.DataFrame(columns=["trial_id", "status", "error"])) == 1
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
+def test_sweep_with_no_complete_trial_exits_non_zero_with_the_reason(ray_session, tmp_path, capsys):
+    from raypath.cli import main
+
+    make_workdir(tmp_path, n_slides=24)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(SMALL_SPACE))  # its first point has an invalid epoch count
+    rc = main(["sweep", "--workdir", str(tmp_path), "--space", str(space_file), "--name", "bad", "--num-samples", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no trial completed; first failure" in err and "epochs" in err

@@ -7,6 +7,29 @@ import argparse
 from raypath.config import add_config_arguments, config_from_args
 
 
+def exit_code(trials) -> int:
+    """0 when at least one trial finished every fold; otherwise 1, after printing
+    the failures by cause and the first failure's reason (a chained step has no
+    best config to use)."""
+    import sys
+    from collections import Counter
+
+    from raypath.errors import EXIT_BUG, EXIT_OK
+
+    failed = trials[trials["status"] == "error"] if len(trials) else trials
+    if len(failed):
+        causes = Counter(str(e).split(":", 1)[0].strip() or "unknown" for e in failed["error"])
+        print("failed trials by cause: " + ", ".join(f"{c} x{n}" for c, n in causes.most_common()), file=sys.stderr)
+    if len(trials) and (trials["status"] == "complete").any():
+        return EXIT_OK
+    if len(failed):
+        first = failed.iloc[0]
+        print(f"sweep: no trial completed; first failure (trial {first['trial_id']}): {first['error']}", file=sys.stderr)
+    else:
+        print("sweep: no trial completed (stopped early or none run)", file=sys.stderr)
+    return EXIT_BUG
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     from raypath.sweep.api import SweepConfig
 
@@ -40,6 +63,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                 print(f"  {c}")
         else:
             print("no trial finished every fold")
-        return 0
+        return exit_code(t)
 
     p.set_defaults(func=run)
