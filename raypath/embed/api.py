@@ -299,6 +299,29 @@ def _read_fn(batch: dict[str, np.ndarray], workdir: str, batch_size: int,
             yield row
 
 
+def _precision(backbone, device: str, amp: str, compile: bool):
+    """``(forward, input dtype, autocast dtype | None, compiled?)`` of ``--amp`` on ``device``."""
+    import torch
+
+    from raypath.train.precision import resolve_precision  # the one resolver (train/)
+
+    on_gpu = device.startswith("cuda")
+    forward, input_dtype, amp_dtype = backbone, torch.float32, None
+    if amp == "fast":  # bf16 weights + SDPA + cached torch.compile on a GPU (raypath.embed.fast)
+        from raypath.embed.fast import fast_path
+
+        forward, input_dtype = fast_path(backbone, device, compile=True)
+        compile = on_gpu
+    elif on_gpu and amp == "bf16-weights":
+        backbone.to(torch.bfloat16)
+        input_dtype = torch.bfloat16
+    elif on_gpu and amp != "off":
+        amp_dtype = resolve_precision(device, amp).dtype  # bf16, or fp16 where the GPU lacks bf16
+    if compile and forward is backbone:
+        forward = torch.compile(backbone)
+    return forward, input_dtype, amp_dtype, compile
+
+
 class TileEmbedder:
     """Model + fixed-shape batching, usable without Ray (the actor wraps it)."""
 
@@ -311,7 +334,7 @@ class TileEmbedder:
 
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
-        from raypath.train.precision import resolve_device, resolve_precision  # the one resolver (train/)
+        from raypath.train.precision import resolve_device  # the one resolver (train/)
 
         device = str(resolve_device(device or "auto"))
         self.device = device
@@ -321,22 +344,7 @@ class TileEmbedder:
         self.backbone.channels_last = bool(channels_last)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        on_gpu = device.startswith("cuda")
-        self.amp_dtype = None
-        self.input_dtype = torch.float32
-        self._forward = self.backbone
-        if amp == "fast":  # bf16 weights + SDPA + cached torch.compile on a GPU (raypath.embed.fast)
-            from raypath.embed.fast import fast_path
-
-            self._forward, self.input_dtype = fast_path(self.backbone, device, compile=True)
-            compile = on_gpu
-        elif on_gpu and amp == "bf16-weights":
-            self.backbone.to(torch.bfloat16)
-            self.input_dtype = torch.bfloat16
-        elif on_gpu and amp != "off":
-            self.amp_dtype = resolve_precision(device, amp).dtype  # bf16, or fp16 where the GPU lacks bf16
-        if compile and self._forward is self.backbone:
-            self._forward = torch.compile(self.backbone)
+        self._forward, self.input_dtype, self.amp_dtype, compile = _precision(self.backbone, device, amp, compile)
         import threading
 
         self._local = threading.local()  # one CUDA stream per calling thread (actor concurrency > 1)
