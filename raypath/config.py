@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -150,37 +151,132 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+#: help sections, in the order ``--help`` shows them
+HELP_GROUPS = ("inputs and outputs", "model", "training", "evaluation", "Ray resources", "other options")
+
+#: where a field's flag is listed, by name (first match wins); a field may name its
+#: section itself: ``Field(..., json_schema_extra={"group": "training"})``
+_GROUP_RULES: tuple[tuple[str, str], ...] = (
+    (r"^(num_workers|use_gpu|num_gpus.*|num_cpus.*|num_actors|actor_concurrency|.*_per_trial|max_concurrent.*|"
+     r"object_store.*|read_threads|device|max_in_flight|use_ray|.*_num_actors|.*_num_workers|workers|"
+     r"channels_last|compile)$", "Ray resources"),
+    (r"^(workdir|features|feature_dir|out|run|cohort|clinical|space|name|bucket|s3|study_uri|resume|force|"
+     r"cohorts|tune_cohorts|tune_slides|held_out|adapter|prompts?|tiles|labels|annotations|slides)$",
+     "inputs and outputs"),
+    (r"^(model|weights|method|rank|alpha|dropout|target_modules|dtype|amp|head_.*|readout|decode|prompt_.*|"
+     r"plugin)$", "model"),
+    (r"^(task|protocol|folds|repeats|internal_fraction|eval_every|biology_column|centre_column|kmeans_.*|"
+     r"robustness_.*|mil_.*|tsne.*|umap.*|gallery.*|plots|cluster_score_k|num_samples|metric.*|site_probe.*|"
+     r"ri_.*|croma_.*|.*_fraction|fractions?)$", "evaluation"),
+    (r"^(epochs|lr|min_lr|weight_decay.*|batch_size|warmup.*|momentum.*|.*_temp|center_momentum|clip_grad|"
+     r"freeze_.*|seed|loss|n_bins|nll_alpha|balanced_sampling|max_tiles_per_slide|augmentation|strength|"
+     r"n_local_crops|tiles_per_slide|lambda_.*|tau|score_loss|variant_.*|checkpoint_.*|stop_after_.*|patience|"
+     r"optimizer|scheduler)$", "training"),
+)
+
+#: unit suffixes of field names (STYLE: units in names) -> (metavar, unit shown after the default)
+_UNITS: tuple[tuple[str, str, str], ...] = (
+    (r"_s$", "SECONDS", "s"), (r"_px$", "PX", "px"), (r"_mb$", "MIB", "MiB"), (r"_bytes$", "BYTES", "bytes"),
+    (r"(^|_)mpp$", "UM_PER_PX", "\u00b5m/px"), (r"_um$", "UM", "\u00b5m"), (r"_mm$", "MM", "mm"),
+)
+_PATH_NAMES = re.compile(r"^(workdir|out|feature_dir|features|clinical|space|cohort|weights|adapter|prompts|"
+                         r"sweep_space|bucket|annotations|labels)$")
+
+
+def _field_extra(field) -> dict[str, Any]:
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def help_group(name: str, field) -> str:
+    """The ``--help`` section of a field (see :data:`HELP_GROUPS`)."""
+    group = _field_extra(field).get("group")
+    if group:
+        return group
+    return next((g for pattern, g in _GROUP_RULES if re.match(pattern, name)), "other options")
+
+
+def _clean_help(text: str) -> str:
+    """No reST/Markdown markup or Python literals in ``--help``."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = text.replace("``", "").replace("**", "")
+    text = re.sub(r"`([^`]+)`", r"\1", text)
+    return re.sub(r"\bNone\b", "none", text).strip()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "none"
+    return "none" if value is None else str(value)
+
+
+def flag_help(name: str, field) -> tuple[str, str | None]:
+    """(help text with default and unit, metavar) of a field's flag."""
+    unit = next(((mv, u) for pattern, mv, u in _UNITS if re.search(pattern, name)), None)
+    text = _clean_help(field.description or "")
+    if field.is_required():
+        text += " [required]"
+    elif not callable(field.default) and not re.search(r"default|required", text.lower()):
+        shown = _show(field.default)
+        text += f" [default: {shown}{' ' + unit[1] if unit and field.default is not None else ''}]"
+    tp = _unwrap_optional(field.annotation)
+    if unit:
+        metavar = unit[0]
+    elif _PATH_NAMES.match(name):
+        metavar = "PATH"
+    elif tp is int:
+        metavar = "N"
+    elif tp is float:
+        metavar = "X"
+    else:
+        metavar = None
+    return text.strip(), metavar
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, model: type[StageConfig]) -> None:
-    """Add one ``--flag`` per field of ``model`` plus ``--config FILE.yaml``.
+    """Add one ``--flag`` per field of ``model`` plus ``--config FILE.yaml``, in help sections.
 
     Flags default to ``None`` so that only what the user typed overrides the
-    YAML file, which overrides the model's defaults.
+    YAML file, which overrides the model's defaults.  A field may rename its
+    flag and keep older spellings as hidden aliases:
+    ``Field(..., json_schema_extra={"flag": "--features", "aliases": ["--feature-dir"]})``.
     """
-    parser.add_argument("--config", help="YAML file with any of the options below (flags win)")
+    fields = list(model.model_fields.items())
+    used = {help_group(n, f) for n, f in fields} | {"inputs and outputs"}
+    groups = {g: parser.add_argument_group(g) for g in HELP_GROUPS if g in used}
+    groups.update({g: parser.add_argument_group(g) for g in sorted(used - set(groups))})
+    groups["inputs and outputs"].add_argument("--config", metavar="FILE.yaml",
+                                              help="YAML file with any of the options below; flags win [default: none]")
+    for name, field in fields:
+        _add_field(groups[help_group(name, field)], parser, name, field)
     _add_storage_arguments(parser, model)
-    for name, field in model.model_fields.items():
-        tp = _unwrap_optional(field.annotation)
-        help_text = (field.description or "").strip()
-        default = None if field.is_required() else field.default
-        if default is not None and not callable(default):
-            help_text += f" [default: {default}]"
-        kw: dict[str, Any] = {"dest": name, "default": None, "help": help_text or None}
-        if tp is bool:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kw)
-            continue
-        origin = get_origin(tp)
-        if origin is Literal:
-            parser.add_argument(_flag(name), choices=list(get_args(tp)), **kw)
-        elif origin in (list, tuple):
-            (inner,) = get_args(tp)[:1] or (str,)
-            inner = inner if inner in (int, float, str) else str
-            parser.add_argument(_flag(name), nargs="+", type=inner, **kw)
-        elif tp in (int, float, str):
-            parser.add_argument(_flag(name), type=tp, **kw)
-        elif isinstance(tp, type) and issubclass(tp, BaseModel):
-            parser.add_argument(_flag(name), type=json.loads, metavar="JSON", **kw)
-        else:
-            parser.add_argument(_flag(name), type=str, **kw)
+
+
+def _add_field(group, parser: argparse.ArgumentParser, name: str, field) -> None:
+    tp = _unwrap_optional(field.annotation)
+    help_text, metavar = flag_help(name, field)
+    extra = _field_extra(field)
+    flag = extra.get("flag") or _flag(name)
+    kw: dict[str, Any] = {"dest": name, "default": None}
+    if tp is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif get_origin(tp) is Literal:
+        kw["choices"] = list(get_args(tp))
+    elif get_origin(tp) in (list, tuple):
+        (inner,) = get_args(tp)[:1] or (str,)
+        kw.update(nargs="+", type=inner if inner in (int, float, str) else str,
+                  metavar=metavar or name.rsplit("_", 1)[-1].removesuffix("s").upper() or "VALUE")
+    elif tp in (int, float, str):
+        kw.update(type=tp, metavar=metavar or ("NAME" if name in ("run", "name") else name.upper()))
+    elif isinstance(tp, type) and issubclass(tp, BaseModel):
+        kw.update(type=json.loads, metavar="JSON")
+    else:
+        kw.update(type=str, metavar=metavar or name.upper())
+    group.add_argument(flag, help=help_text or None, **kw)
+    for alias in extra.get("aliases") or []:  # older spellings keep working, unlisted
+        parser.add_argument(alias, help=argparse.SUPPRESS, **kw)
 
 
 #: Storage flags every verb with a config gets (they are process settings, not stage options).

@@ -2,9 +2,11 @@
 
 local Ray + the embedded S3 endpoint + a generated multi-cohort study + a tiny
 model: synth -> (upload to S3) -> ingest -> tile -> QC -> embed -> MIL (lodo,
-internal) -> robustness -> report.  Every stage is called through its public
-Python API, exactly as a notebook user would; the demo adds no logic of its
-own beyond wiring.
+internal) -> robustness -> a short DoRA adaptation with its before/after
+table (``adapt-experiment``) -> report.  Every stage is called through its
+public Python API, exactly as a notebook user would; the demo adds no logic
+of its own beyond wiring.  It ends by printing where the report is and how
+long each step took.
 
 With ``--bucket s3://...`` and a real endpoint in the environment the same
 job runs against real object storage; with ``--no-s3`` it stays on local disk.
@@ -13,7 +15,6 @@ job runs against real object storage; with ``--no-s3`` it stays on local disk.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ class DemoConfig(StageConfig):
     slides_per_cohort: int = Field(12, description="slides per cohort")
     slide_px: int = Field(2048, description="level-0 side of each generated slide, px")
     texture: Literal["synthetic", "real"] = Field("synthetic", description="tissue texture")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the study and of every stage")
     s3: bool = Field(True, description="put slides on the embedded S3 endpoint (else local disk)")
     bucket: str | None = Field(
         None, description="use this s3:// prefix (endpoint from AWS_ENDPOINT_URL) instead of the embedded one"
@@ -43,6 +44,10 @@ class DemoConfig(StageConfig):
     weights: str | None = Field(None, description="weights file/folder for --model (tiny models may be random)")
     mil_epochs: int = Field(20, description="ABMIL epochs per fold")
     mil_repeats: int = Field(2, description="repeats over seeds per protocol")
+    adapt_folds: int = Field(
+        1, ge=0, description="leave-one-dataset-out folds of the DoRA before/after experiment, each with its own "
+        "adapter (0 = skip the adaptation step; `raypath adapt-experiment` runs every fold)")
+    adapt_epochs: int = Field(2, ge=1, description="DINO epochs of each demo adapter")
     small: bool = Field(False, description="a smaller, faster study (tests, cluster smoke runs)")
     sweep: bool = Field(False, description="also run a CPU-sized Ray Tune + Optuna MIL sweep (nested LODO)")
     sweep_space: str = Field(
@@ -51,19 +56,26 @@ class DemoConfig(StageConfig):
     sweep_samples: int = Field(4, description="trials of the --sweep step")
 
 
-def _stage(name: str):
-    """Context manager printing a stage's wall time."""
+class _Steps:
+    """Prints ``[demo] step ...`` / ``done in N s`` and keeps each step's wall time."""
 
-    class _T:
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-            print(f"[demo] {name} ...", flush=True)
+    def __init__(self):
+        self.times: dict[str, float] = {}
 
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                print(f"[demo] {name} done in {time.perf_counter() - self.t0:.1f} s", flush=True)
+    def __call__(self, name: str):
+        steps = self
 
-    return _T()
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                print(f"[demo] {name} ...", flush=True)
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    steps.times[name] = round(time.perf_counter() - self.t0, 1)
+                    print(f"[demo] {name} done in {steps.times[name]:.1f} s", flush=True)
+
+        return _T()
 
 
 def _c_index_table(table):
@@ -71,7 +83,8 @@ def _c_index_table(table):
     (external = the held-out cohort; internal = held-out patients of the
     training cohorts, all of them together)."""
     t = table[(table["metric"] == "c_index") & ((table["set"] == "external") | (table["cohort"] == "all"))]
-    t = t.assign(c_index=[f"{m:.3f} +- {s:.3f}" for m, s in zip(t["mean"], t["sd"].fillna(0.0))])
+    fmt = [("n/a" if m != m or m is None else f"{m:.3f} +- {s:.3f}") for m, s in zip(t["mean"], t["sd"].fillna(0.0))]
+    t = t.assign(c_index=fmt)
     return t[["name", "set", "cohort", "c_index", "n"]].rename(columns={"name": "fold", "n": "repeats"})
 
 
@@ -85,132 +98,146 @@ def _find_space(path: str) -> str:
     raise RaypathError(f"sweep file {path!r} not found: pass --sweep-space PATH (see sweeps/examples/ in the repository)")
 
 
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def _scaled(cfg: DemoConfig) -> DemoConfig:
+    if not cfg.small:
+        return cfg
+    return cfg.model_copy(update=dict(slides_per_cohort=min(cfg.slides_per_cohort, 5), slide_px=min(cfg.slide_px, 1024),
+                                      mil_epochs=min(cfg.mil_epochs, 8), mil_repeats=1,
+                                      adapt_epochs=min(cfg.adapt_epochs, 1)))
+
+
+def _study_location(cfg: DemoConfig, workdir: str):
+    """(embedded S3 server or None, where the study's slides go)."""
+    if cfg.s3 and not cfg.bucket:
+        from raypath.io.s3server import start_embedded_s3
+
+        server = start_embedded_s3()
+        study_uri = server.create_bucket("raypath-demo") + "/study"
+        print(f"[demo] embedded S3 endpoint {server.endpoint_url}; study at {study_uri}")
+        return server, study_uri
+    if cfg.bucket:
+        return None, cfg.bucket.rstrip("/") + "/study"
+    return None, join(workdir, "study")
+
+
+def _prepare(cfg: DemoConfig, workdir: str, study_uri: str, step: _Steps, summary: dict) -> None:
+    """synth -> ingest -> tile + QC."""
+    from raypath.synth.study import SynthConfig, synthesize
+    from raypath.wsi.ingest import IngestConfig, ingest
+    from raypath.wsi.tiling import TileConfig, tile
+
+    with step("synth"):
+        cohort = synthesize(SynthConfig(out=study_uri, n_cohorts=cfg.n_cohorts, slides_per_cohort=cfg.slides_per_cohort,
+                                        slide_px=cfg.slide_px, texture=cfg.texture, seed=cfg.seed))
+    summary["slides"] = int(len(cohort))
+    with step("ingest"):
+        slides = ingest(IngestConfig(cohort=f"{study_uri}/cohort.csv", workdir=workdir))
+    summary["slides_ok"] = int((slides["status"] == "ok").sum())
+    with step("tile + QC"):
+        tiling = tile(TileConfig(workdir=workdir))
+    summary["tiles"] = int(tiling["n_tiles"].sum())
+    print(f"[demo] QC images in {join(workdir, 'qc')}")
+
+
+def _evaluate(cfg: DemoConfig, workdir: str, features: str, step: _Steps, summary: dict) -> None:
+    """ABMIL survival (lodo, internal) and the robustness of the features."""
+    from raypath.mil.api import MilConfig, run_mil
+    from raypath.robustness.api import RobustnessConfig, run_robustness
+
+    summary["mil"] = {}
+    for protocol in ("lodo", "internal"):
+        with step(f"ABMIL survival, protocol {protocol}"):
+            res = run_mil(MilConfig(workdir=workdir, features=features, task="survival", protocol=protocol,
+                                    epochs=cfg.mil_epochs, repeats=cfg.mil_repeats, run=f"mil-{protocol}",
+                                    seed=cfg.seed, time_unit="months"))
+        summary["mil"][protocol] = str(res.run_dir)
+        print(f"[demo] ABMIL survival, protocol {protocol}: Harrell's C-index, mean +- sd over repeats")
+        print(_c_index_table(res.table()).to_string(index=False), flush=True)
+    with step("robustness"):
+        rob = run_robustness(RobustnessConfig(workdir=workdir, features=features, run="robustness"))
+    summary["robustness"] = rob.get("run_dir") if isinstance(rob, dict) else str(rob)
+    head = rob.get("headline", {}) if isinstance(rob, dict) else {}
+    if head:
+        print("[demo] robustness of the features (see docs/robustness.md for how to read them):")
+        for k, v in head.items():
+            print(f"    {k:32s} {v:.3f}" if isinstance(v, float) else f"    {k:32s} {v}")
+
+
+def _adaptation(cfg: DemoConfig, workdir: str, step: _Steps, summary: dict) -> None:
+    """A short DoRA adaptation: the DoRA paper's before/after experiment on ``adapt_folds`` LODO folds."""
+    from raypath.adapt.experiment import ExperimentConfig, run_experiment
+    from raypath.io.storage import read_parquet
+
+    slides = read_parquet(join(workdir, "slides.parquet"), columns=["cohort", "status"]).to_pandas()
+    cohorts = sorted(slides.loc[slides["status"] == "ok", "cohort"].astype(str).unique())
+    held_out = cohorts[: cfg.adapt_folds]
+    ecfg = ExperimentConfig(
+        workdir=workdir, model=cfg.model, weights=cfg.weights, method="dora", run="dora", seed=cfg.seed,
+        epochs=cfg.adapt_epochs, warmup_epochs=0, tiles_per_slide=8, n_local_crops=2, batch_size=16,
+        robustness_tiles_per_slide=20, kmeans_repeats=3, plots=False, mil_epochs=cfg.mil_epochs, mil_repeats=1,
+        held_out=held_out)
+    with step(f"DoRA adaptation, before/after (held out: {', '.join(held_out)})"):
+        doc = run_experiment(ecfg)
+    summary["adaptation"] = doc["run_dir"]
+    print(f"[demo] DoRA adaptation, one adapter per held-out cohort ({ecfg.epochs} DINO epochs; tiny-model "
+          "numbers test the pipeline): before / after")
+    print(doc["markdown"], flush=True)
+
+
+def _sweep(cfg: DemoConfig, workdir: str, features: str, step: _Steps, summary: dict) -> None:
+    from raypath.sweep.api import SweepConfig, run_sweep
+
+    with step(f"sweep ({cfg.sweep_samples} trials)"):
+        sw = run_sweep(SweepConfig(workdir=workdir, space=_find_space(cfg.sweep_space), name="demo-sweep",
+                                   num_samples=cfg.sweep_samples, features=features))
+    summary["sweep"] = str(sw.sweep_dir)
+    if sw.best:
+        print(f"[demo] best trial: {json.dumps(sw.best.get('objectives'), default=str)}")
+
+
+def _pipeline(cfg: DemoConfig, workdir: str, study_uri: str, step: _Steps, summary: dict) -> None:
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.report.pages import write_workdir_report
+
+    _prepare(cfg, workdir, study_uri, step, summary)
+    with step(f"embed ({cfg.model})"):
+        emb = embed(EmbedConfig(workdir=workdir, model=cfg.model, weights=cfg.weights))
+    features = str(emb.feature_dir)
+    summary["features"] = features
+    _evaluate(cfg, workdir, features, step, summary)
+    if cfg.adapt_folds > 0:
+        _adaptation(cfg, workdir, step, summary)
+    if cfg.sweep:
+        _sweep(cfg, workdir, features, step, summary)
+    with step("report"):
+        summary["report"] = str(write_workdir_report(workdir))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns a summary dict (also written to
-    ``<workdir>/demo_summary.json``)."""
+    ``<workdir>/demo_summary.json``, with each step's wall time in seconds)."""
     from raypath.io.ray_env import ensure_ray
 
     # A cluster run keeps its workdir on object storage (every node sees it).
     workdir = cfg.workdir if is_remote(cfg.workdir) else str(Path(cfg.workdir).resolve())
     makedirs(workdir)
-    if cfg.small:
-        cfg = cfg.model_copy(update=dict(slides_per_cohort=min(cfg.slides_per_cohort, 5), slide_px=min(cfg.slide_px, 1024), mil_epochs=min(cfg.mil_epochs, 8), mil_repeats=1))
+    cfg = _scaled(cfg)
     cfg.save(workdir, "demo_config.yaml")
     summary: dict = {"workdir": workdir}
+    step = _Steps()
+    t0 = time.perf_counter()
     server = None
     try:
-        if cfg.s3 and not cfg.bucket:
-            from raypath.io.s3server import start_embedded_s3
-
-            server = start_embedded_s3()
-            study_uri = server.create_bucket("raypath-demo") + "/study"
-            print(f"[demo] embedded S3 endpoint {server.endpoint_url}; study at {study_uri}")
-        elif cfg.bucket:
-            study_uri = cfg.bucket.rstrip("/") + "/study"
-        else:
-            study_uri = join(workdir, "study")
-        summary["study_uri"] = study_uri
+        server, summary["study_uri"] = _study_location(cfg, workdir)
         ensure_ray()
-
-        from raypath.synth.study import SynthConfig, synthesize
-
-        with _stage("synth"):
-            cohort = synthesize(
-                SynthConfig(
-                    out=study_uri,
-                    n_cohorts=cfg.n_cohorts,
-                    slides_per_cohort=cfg.slides_per_cohort,
-                    slide_px=cfg.slide_px,
-                    texture=cfg.texture,
-                    seed=cfg.seed,
-                )
-            )
-        summary["slides"] = int(len(cohort))
-
-        from raypath.wsi.ingest import IngestConfig, ingest
-
-        with _stage("ingest"):
-            slides = ingest(IngestConfig(cohort=f"{study_uri}/cohort.csv", workdir=workdir))
-        summary["slides_ok"] = int((slides["status"] == "ok").sum())
-
-        from raypath.wsi.tiling import TileConfig, tile
-
-        with _stage("tile + QC"):
-            tiling = tile(TileConfig(workdir=workdir))
-        summary["tiles"] = int(tiling["n_tiles"].sum())
-        print(f"[demo] QC images in {join(workdir, 'qc')}")
-
-        if _available("raypath.embed.api"):
-            from raypath.embed.api import EmbedConfig, embed
-
-            with _stage(f"embed ({cfg.model})"):
-                emb = embed(EmbedConfig(workdir=workdir, model=cfg.model, weights=cfg.weights))
-            summary["features"] = str(emb.feature_dir)
-
-            if _available("raypath.mil.api"):
-                from raypath.mil.api import MilConfig, run_mil
-
-                summary["mil"] = {}
-                for protocol in ("lodo", "internal"):
-                    with _stage(f"ABMIL survival, protocol {protocol}"):
-                        res = run_mil(
-                            MilConfig(
-                                workdir=workdir,
-                                features=str(emb.feature_dir),
-                                task="survival",
-                                protocol=protocol,
-                                epochs=cfg.mil_epochs,
-                                repeats=cfg.mil_repeats,
-                                run=f"mil-{protocol}",
-                                seed=cfg.seed,
-                            )
-                        )
-                    summary["mil"][protocol] = str(res.run_dir)
-                    print(f"[demo] ABMIL survival, protocol {protocol}: Harrell's C-index, mean +- sd over repeats")
-                    print(_c_index_table(res.table()).to_string(index=False), flush=True)
-            if _available("raypath.robustness.api"):
-                from raypath.robustness.api import RobustnessConfig, run_robustness
-
-                with _stage("robustness"):
-                    rob = run_robustness(
-                        RobustnessConfig(workdir=workdir, features=str(emb.feature_dir), run="robustness")
-                    )
-                summary["robustness"] = rob.get("run_dir") if isinstance(rob, dict) else str(rob)
-                head = rob.get("headline", {}) if isinstance(rob, dict) else {}
-                if head:
-                    print("[demo] robustness of the features (see docs/robustness.md for how to read them):")
-                    for k, v in head.items():
-                        print(f"    {k:32s} {v:.3f}" if isinstance(v, float) else f"    {k:32s} {v}")
-            if cfg.sweep:
-                from raypath.sweep.api import SweepConfig, run_sweep
-
-                with _stage(f"sweep ({cfg.sweep_samples} trials)"):
-                    sw = run_sweep(
-                        SweepConfig(
-                            workdir=workdir,
-                            space=_find_space(cfg.sweep_space),
-                            name="demo-sweep",
-                            num_samples=cfg.sweep_samples,
-                            features=str(emb.feature_dir),
-                        )
-                    )
-                summary["sweep"] = str(sw.sweep_dir)
-                if sw.best:
-                    print(f"[demo] best trial: {json.dumps(sw.best, default=str)[:400]}")
-            if _available("raypath.report.pages"):
-                from raypath.report.pages import write_workdir_report
-
-                with _stage("report"):
-                    summary["report"] = str(write_workdir_report(workdir))
-                print(f"[demo] open {summary['report']} in a browser")
+        _pipeline(cfg, workdir, summary["study_uri"], step, summary)
     finally:
         if server is not None:
             server.stop()
+    summary["step_times_s"] = {**step.times, "total": round(time.perf_counter() - t0, 1)}
     atomic_write_bytes(join(workdir, "demo_summary.json"), json.dumps(summary, indent=2).encode())
+    print("[demo] time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["step_times_s"].items()))
+    print(f"[demo] report: open {summary['report']} in a browser (one page per run, linked from it)", flush=True)
     return summary
 
 
@@ -222,4 +249,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(p, DemoConfig)
-    p.set_defaults(func=lambda a: print(json.dumps(run_demo(config_from_args(DemoConfig, a)), indent=2)))
+
+    def _main(args: argparse.Namespace) -> int:
+        summary = run_demo(config_from_args(DemoConfig, args))
+        print(json.dumps({k: summary[k] for k in ("workdir", "report", "step_times_s")}, indent=2))
+        return 0
+
+    p.set_defaults(func=_main)

@@ -417,15 +417,17 @@ def _parse_vars(items: list[str] | None, flag: str = "--var") -> dict[str, str]:
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="dashboard URL of the cluster [default: $RAY_ADDRESS]")
-    p.add_argument("--var", action="append", metavar="NAME=VALUE", help="value for a ${NAME} in the spec (repeatable)")
-    p.add_argument("--runtime-env", metavar="FILE.yaml", help="runtime environment file (e.g. jobs/runtime_env.yaml)")
+    p.add_argument("--var", action="append", metavar="NAME=VALUE", help="value for a ${NAME} in the spec (repeatable) [default: none]")
+    p.add_argument("--runtime-env", metavar="FILE.yaml", help="runtime environment file (e.g. jobs/runtime_env.yaml) [default: none]")
     p.add_argument("--env", action="append", metavar="NAME=VALUE",
-                   help="extra environment variable for the job (repeatable; visible in the job's info: no secrets)")
-    p.add_argument("--working-dir", help="local folder to upload as the job's working directory")
-    p.add_argument("--submission-id", help="own job id (unique per cluster)")
+                   help="extra environment variable for the job (repeatable; visible in the job's info: no secrets) [default: none]")
+    p.add_argument("--working-dir", metavar="PATH", help="local folder to upload as the job's working directory "
+                   "[default: none]")
+    p.add_argument("--submission-id", metavar="ID", help="own job id (unique per cluster) [default: Ray's]")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish; exit with the job's exit code (0, 2, 3, 4; 1 otherwise)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it finishes (implies --wait)")
-    p.add_argument("--timeout-s", type=float, help="with --wait: give up waiting after this many seconds")
+    p.add_argument("--timeout-s", type=float, metavar="SECONDS", help="with --wait: give up waiting after this long "
+                   "[default: none, wait for the job]")
 
 
 def add_cli(subparsers) -> None:
@@ -453,9 +455,9 @@ def add_cli(subparsers) -> None:
                    help="a job spec file, or (after --) the command to run")
     _add_options(p)
     act = p.add_mutually_exclusive_group()
-    act.add_argument("--status", metavar="JOB_ID", help="print a job's state and message")
-    act.add_argument("--logs", metavar="JOB_ID", help="print a job's logs")
-    act.add_argument("--stop", metavar="JOB_ID", help="stop a job")
+    act.add_argument("--status", metavar="JOB_ID", help="print a job's state and message [default: none]")
+    act.add_argument("--logs", metavar="JOB_ID", help="print a job's logs [default: none]")
+    act.add_argument("--stop", metavar="JOB_ID", help="stop a job [default: none]")
     act.add_argument("--list", action="store_true", help="list the cluster's jobs")
     p.set_defaults(func=_cli)
 

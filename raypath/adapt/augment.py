@@ -500,6 +500,31 @@ def preview_grid(tiles: np.ndarray, strengths: Sequence[float | str], n_views: i
     return np.concatenate(rows[:-1], 0)
 
 
+def label_grid(grid: np.ndarray, strengths: Sequence[float | str], n_tiles: int, n_views: int, view_px: int):
+    """The :func:`preview_grid` image with its rows (level or strength, tile) and columns
+    (original tile, augmented view k) labelled; a PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    left, top = 150, 24
+    out = Image.new("RGB", (grid.shape[1] + left, grid.shape[0] + top), "white")
+    out.paste(Image.fromarray(grid), (left, top))
+    draw = ImageDraw.Draw(out)
+    for j in range(n_views + 1):
+        draw.text((left + j * (view_px + 2) + 4, 5), "original tile" if j == 0 else f"augmented view {j}",
+                  fill="black", font=font)
+    for b, s in enumerate(strengths):
+        name = f"level {s}" if isinstance(s, str) else f"strength {float(s):.2f}"
+        for i in range(n_tiles):
+            y = top + b * (n_tiles * view_px + 4) + i * view_px + view_px // 2 - 14
+            draw.text((6, y), name, fill="black", font=font)
+            draw.text((6, y + 16), f"tile {i + 1}", fill="dimgray", font=font)
+    return out
+
+
 def augment_preview(out_png: str, strengths: Sequence[float | str] = ("weak", "strong", "heavy", "max"), image: str | None = None, slide: str | None = None, workdir: str | None = None, n_tiles: int = 2, n_views: int = 6, view_px: int = 160, seed: int = 0) -> str:
     """Write a PNG grid of augmented views of real tiles so a person can see
     what a level or strength does.  Tiles come from ``workdir``'s
@@ -514,7 +539,7 @@ def augment_preview(out_png: str, strengths: Sequence[float | str] = ("weak", "s
     import io
 
     buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
+    label_grid(grid, strengths, tiles.shape[0], n_views, view_px).save(buf, format="PNG")
     atomic_write_bytes(out_png, buf.getvalue())
     return out_png
 
@@ -534,16 +559,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="write a PNG grid of augmented views of real tiles (see what a strength means)",
         description="Rows: tiles x levels/strengths; columns: the tile, then augmented global views.",
     )
-    p.add_argument("--out", required=True, help="output PNG path (local or s3://)")
-    p.add_argument("--strengths", nargs="+", default=["weak", "strong", "heavy", "max"], help="levels (weak strong heavy max) and/or numbers in [0,1]")
+    p.add_argument("--out", required=True, metavar="PATH", help="output PNG path (local or s3://) [required]")
+    p.add_argument("--strengths", nargs="+", default=["weak", "strong", "heavy", "max"], metavar="LEVEL",
+                   help="levels (weak strong heavy max) and/or numbers in [0,1] [default: weak strong heavy max]")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", help="an RGB image to cut tiles from [default: packaged H&E reference]")
-    src.add_argument("--slide", help="a whole-slide image file to cut tiles from")
-    src.add_argument("--workdir", help="a project folder with tiles.parquet and slides.parquet")
-    p.add_argument("--n-tiles", type=int, default=2)
-    p.add_argument("--n-views", type=int, default=6)
-    p.add_argument("--view-px", type=int, default=160)
-    p.add_argument("--seed", type=int, default=0)
+    src.add_argument("--image", metavar="PATH", help="an RGB image to cut tiles from [default: packaged H&E reference]")
+    src.add_argument("--slide", metavar="PATH", help="a whole-slide image file to cut tiles from [default: none]")
+    src.add_argument("--workdir", metavar="PATH", help="a project folder with tiles.parquet and slides.parquet "
+                     "[default: none]")
+    p.add_argument("--n-tiles", type=int, default=2, metavar="N", help="tiles, one row each per level [default: 2]")
+    p.add_argument("--n-views", type=int, default=6, metavar="N", help="augmented views per tile [default: 6]")
+    p.add_argument("--view-px", type=int, default=160, metavar="PX", help="side of each view [default: 160 px]")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tiles and views [default: 0]")
 
     def run(args: argparse.Namespace) -> int:
         out = augment_preview(

@@ -129,6 +129,31 @@ def make_model_key(key: str, weights_sha256: str, adapter_sha256: str | None, pr
     return f"{key}-{hashlib.sha256(doc.encode()).hexdigest()[:8]}"
 
 
+def store_name(model_key: str, adapter: str | None = None) -> str:
+    """The feature-store folder name people can tell apart: ``<model>[+<adapter run>]-<hash>``.
+
+    ``model_key`` (``<model>-<hash>``) stays the identity; an adapter's run name
+    (the last part of its folder) only makes the folder readable.
+    """
+    if not adapter:
+        return model_key
+    model, digest = model_key.rsplit("-", 1)
+    run = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in str(adapter).rstrip("/").rsplit("/", 1)[-1])
+    return f"{model}+{run}-{digest}" if run else model_key
+
+
+def default_store_dir(workdir: str, model_key: str, adapter: str | None = None, s3=None) -> str:
+    """``<workdir>/features/<store name>``; a store written under the bare model key
+    by an older raypath (``features/<model>-<hash>``) keeps being used."""
+    from raypath.io.storage import exists, join
+
+    old = join(workdir, "features", model_key)
+    name = store_name(model_key, adapter)
+    if name != model_key and exists(join(old, "manifest.json"), s3):
+        return old
+    return join(workdir, "features", name)
+
+
 def tiles_hash(tiles: pd.DataFrame) -> str:
     """sha256 of a slide's tile geometry (tile_id, x, y, level, read_px, tile_px), order-independent."""
     t = tiles.sort_values("tile_id")

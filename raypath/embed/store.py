@@ -14,6 +14,7 @@ PUT per slide on S3) and the manifest.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -313,7 +314,9 @@ def resolve_feature_dir(workdir: str | None, features: str | None = None, s3: S3
     if features:
         if features in keys:
             return join(base, features)
-        matches = [k for k in keys if k.startswith(features + "-")]
+        # a model name (`uni`, or `uni+<adapter run>`) means its store `<name>-<8 hex>`
+        matches = [k for k in keys if re.fullmatch(re.escape(features) + r"-[0-9a-f]{8}", k)] or \
+            [k for k in keys if k.startswith(features + "-")]
         if len(matches) == 1:
             return join(base, matches[0])
         found = matches or keys

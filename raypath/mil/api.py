@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 class MilConfig(StageConfig):
     """Configuration of ``raypath mil``."""
 
-    workdir: str | None = Field(None, description="project folder (local path or s3:// URI); required by run_mil")
+    workdir: str | None = Field(None, description="project folder (local path or s3:// URI) [required]")
     features: str | None = Field(
-        None, description="feature folder, or a model key under <workdir>/features/; required by run_mil"
+        None, description="feature store: a folder, or a model name (`uni`, `uni+<adapter run>`) or store "
+        "name under <workdir>/features/ [required]"
     )
     task: Literal["survival", "classification"] = Field("survival", description="what to predict")
     protocol: Literal["lodo", "internal", "pairwise"] = Field("lodo", description="evaluation protocol")

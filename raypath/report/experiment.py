@@ -30,9 +30,11 @@ def is_experiment(files: set[str]) -> bool:
 # --------------------------------------------------------------------------- adapter
 
 
-def adapter_curves_png(epochs: list[dict], title: str) -> bytes | None:
-    """Loss and teacher entropy per epoch (teacher entropy near log(K) = DINO collapsed to uniform)."""
-    if not epochs or "loss" not in epochs[0]:
+def adapter_curves_png(runs: dict[str, list[dict]], title: str) -> bytes | None:
+    """Loss and teacher entropy per epoch, one line per adapter (teacher entropy near
+    log(K) = DINO collapsed to the uniform distribution)."""
+    runs = {k: v for k, v in runs.items() if v and "loss" in v[0]}
+    if not runs:
         return None
     import matplotlib
 
@@ -41,19 +43,21 @@ def adapter_curves_png(epochs: list[dict], title: str) -> bytes | None:
 
     from raypath.robustness.plots import fig_to_png
 
-    x = [int(e.get("epoch", i)) + 1 for i, e in enumerate(epochs)]
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2))
-    axes[0].plot(x, [e.get("loss") for e in epochs], marker="o", ms=3)
+    k_max = None
+    for name, epochs in runs.items():
+        x = [int(e.get("epoch", i)) + 1 for i, e in enumerate(epochs)]
+        axes[0].plot(x, [e.get("loss") for e in epochs], marker="o", ms=3, label=name)
+        axes[1].plot(x, [e.get("teacher_entropy") for e in epochs], marker="o", ms=3, label=name)
+        k = epochs[-1].get("out_dim") or epochs[-1].get("head_out_dim")
+        k_max = k if is_number(k) else k_max
+    if is_number(k_max):
+        axes[1].axhline(math.log(k_max), color="grey", ls="--", lw=1, label=f"uniform: log({int(k_max)})")
     axes[0].set_title("DINO loss", fontsize=10)
-    ent = [e.get("teacher_entropy") for e in epochs]
-    axes[1].plot(x, ent, marker="o", ms=3, color="tab:purple", label="teacher entropy")
-    k = epochs[-1].get("out_dim") or epochs[-1].get("head_out_dim")
-    if is_number(k):
-        axes[1].axhline(math.log(k), color="grey", ls="--", lw=1, label=f"uniform = log({int(k)}) = {math.log(k):.2f}")
-        axes[1].legend(fontsize=7, frameon=False)
     axes[1].set_title("teacher entropy (nats)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     return fig_to_png(fig)
 
@@ -77,7 +81,7 @@ def adapter_context(folder: Folder) -> dict[str, Any]:
             "augmentation; the teacher's adapter is what `raypath embed --adapter` uses",
             "verdict": verdict, "summary": {k: v for k, v in summary.items() if v is not None},
             "epochs": epochs, "epoch_columns": list(dict.fromkeys(k for e in epochs for k in e)),
-            "curves": adapter_curves_png(epochs, f"adapter {folder.name}")}
+            "curves": adapter_curves_png({folder.name: epochs}, f"adapter {folder.name}")}
 
 
 # --------------------------------------------------------------------------- experiment
@@ -164,6 +168,22 @@ def robustness_rows(comp: dict | None) -> list[dict[str, Any]]:
     return rows
 
 
+def _adapters(doc: dict) -> dict[str, str]:
+    """held-out cohort (or "") -> adapter run name; one adapter per LODO fold, or one for all."""
+    if isinstance(doc.get("adapters"), dict):
+        return {c: _run_name(a) for c, a in doc["adapters"].items() if a}
+    return {"": _run_name(doc["adapter"])} if doc.get("adapter") else {}
+
+
+def _links(adapters: dict[str, str], rob_name: str | None, mil: dict) -> list[tuple[str, str]]:
+    links = [(f"adapter for held-out {c}" if c else "adapter", f"adapters/{a}") for c, a in adapters.items()]
+    links += [("robustness before/after", f"runs/{rob_name}")] if rob_name else []
+    for k, v in mil.items():
+        if v.get("run_dir"):
+            links.append((f"ABMIL LODO {k} adaptation", f"runs/{_run_name(v['run_dir'])}"))
+    return links
+
+
 def experiment_context(folder: Folder, doc: dict) -> dict[str, Any]:
     workdir = Folder(folder.uri.rsplit("/", 2)[0], folder.s3)
     rob_name = _run_name(doc.get("robustness_run"))
@@ -174,22 +194,23 @@ def experiment_context(folder: Folder, doc: dict) -> dict[str, Any]:
     from raypath.report.mil import metric_label
 
     label = metric_label((mil.get("before") or {}).get("metric") or "c_index")
-    adapter_name = _run_name(doc.get("adapter"))
-    adapter = workdir.sub(f"adapters/{adapter_name}") if adapter_name else None
-    epochs = (adapter.json_or_none("metrics.json") or {}).get("epochs") if adapter else None
-    links = [("adapter", f"adapters/{adapter_name}")] if adapter_name else []
-    links += [("robustness before/after", f"runs/{rob_name}")] if rob_name else []
-    links += [(f"ABMIL LODO {k}", f"runs/{_run_name(v.get('run_dir'))}") for k, v in mil.items() if v.get("run_dir")]
+    adapters = _adapters(doc)
+    curves = {a: (workdir.sub(f"adapters/{a}").json_or_none("metrics.json") or {}).get("epochs") or []
+              for a in adapters.values()}
+    per_fold = len(adapters) > 1 or doc.get("per_fold_adapters")
     return {
         "title": f"Adaptation experiment {folder.name}",
-        "subtitle": (f"adapter {adapter_name or '?'} on {doc.get('model', '?')}: {doc.get('adapt_epochs', '?')} epochs "
-                     f"on {doc.get('adapt_tiles', '?')} tiles; robustness and ABMIL leave-one-dataset-out before "
-                     "and after, on the same slides"),
+        "subtitle": (f"{len(adapters)} DoRA adapter{'s' if len(adapters) != 1 else ''} on {doc.get('model', '?')}"
+                     + (", one per held-out cohort, tuned only on that fold's training slides" if per_fold else "")
+                     + f" ({doc.get('adapt_epochs', '?')} epochs, {doc.get('adapt_tiles', '?')} tiles); robustness "
+                     "and ABMIL leave-one-dataset-out before and after, on the same slides"),
         "verdict": experiment_verdict(doc, _paired(mil.get("before") or {}, mil.get("after") or {}), comp),
         "rob_rows": robustness_rows(comp),
         "mil_rows": mil_rows(before_doc, after_doc, label),
-        "links": links,
-        "feature_dirs": doc.get("feature_dirs") or {},
+        "links": _links(adapters, rob_name, mil),
+        "feature_dirs": {k: (", ".join(f"{c}: {d}" for c, d in v.items()) if isinstance(v, dict) else v)
+                         for k, v in (doc.get("feature_dirs") or {}).items()},
         "timings": doc.get("timings_s") or {},
-        "curves": adapter_curves_png(epochs or [], f"adapter {adapter_name}") if epochs else None,
+        "note": doc.get("robustness_note"),
+        "curves": adapter_curves_png(curves, "adapters of this experiment"),
     }

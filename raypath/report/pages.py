@@ -377,10 +377,13 @@ def add_cli(subparsers) -> None:
         ),
     )
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--workdir", metavar="DIR", help="project folder (local or s3://): index + every run's page")
-    io.add_argument("--run", metavar="RUN_DIR", help="one run folder (<workdir>/runs/<run>, sweeps/<name>, adapters/<run>)")
-    io.add_argument("--compare-to", "--compare", dest="compare_to", metavar="RUN_DIR",
-                    help="second run folder shown next to --run")
+    io.add_argument("--workdir", metavar="PATH", help="project folder (local or s3://): index + every run's page "
+                    "[default: none; --workdir or --run is required]")
+    io.add_argument("--run", metavar="PATH", help="one run folder (<workdir>/runs/<run>, sweeps/<name>, "
+                    "adapters/<run>) [default: none]")
+    io.add_argument("--compare-to", dest="compare_to", metavar="PATH",
+                    help="second run folder shown next to --run [default: none]")
+    p.add_argument("--compare", dest="compare_to", help=argparse.SUPPRESS)  # older spelling
     io.add_argument("--out", metavar="FILE", help="output HTML file of --run (default: report.html in the run folder)")
     io.add_argument("--json", action="store_true", help="print the written files as JSON")
     p.add_argument("path", nargs="?", help=argparse.SUPPRESS)  # older spelling: `raypath report PATH`

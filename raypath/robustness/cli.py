@@ -78,8 +78,8 @@ def add_cli(subparsers) -> None:
 
     add_config_arguments(p, RobustnessConfig)
     p.add_argument("--compare-to", metavar="FEATURES",
-                   help="second feature store (folder or model key): before/after comparison")
-    p.add_argument("--label-a", default=None, help="name of --features in the comparison")
-    p.add_argument("--label-b", default=None, help="name of --compare-to in the comparison")
+                   help="second feature store (folder or model key): before/after comparison [default: none]")
+    p.add_argument("--label-a", default=None, help="name of --features in the comparison [default: its folder name]")
+    p.add_argument("--label-b", default=None, help="name of --compare-to in the comparison [default: its folder name]")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_main)

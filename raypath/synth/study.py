@@ -639,6 +639,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p.add_argument("--kind", choices=["cohort", "mitosis"], default="cohort",
                    help="cohort: the multi-cohort study above; mitosis: the mitotic-figure benchmark "
-                        "(cells annotated as mitotic figures or imposters, docs/patch.md)")
+                        "(cells annotated as mitotic figures or imposters, docs/patch.md) [default: cohort]")
     add_mitosis_arguments(p)
     p.set_defaults(func=_run_cli)
