@@ -117,7 +117,9 @@ class EmbedConfig(StageConfig):
     channels_last: bool = Field(False, description="channels-last input layout")
     force: bool = Field(False, description="re-embed slides whose features are already up to date")
     slide_ids: list[str] | None = Field(None, description="only these slides")
-    feature_dir: str | None = Field(None, description="output folder (default: <workdir>/features/<model_key>)")
+    feature_dir: str | None = Field(
+        None, description="output feature store (default: <workdir>/features/<model>[+<adapter run>]-<hash>)",
+        json_schema_extra={"flag": "--features", "aliases": ["--feature-dir"]})  # one spelling on every verb
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
     object_store_limit_mb: int | None = Field(
         None, ge=64, description="cap on Ray Data's object-store use (small machines)"
@@ -905,7 +907,9 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     cfg = _absolute_paths(cfg)
     check_weights(cfg.model, cfg.weights)  # on the driver, before Ray: never 200 lines of actor traceback
     ident = model_identity(cfg.model, cfg.weights, cfg.adapter, decode=cfg.decode)
-    feature_dir = cfg.feature_dir or join(cfg.workdir, "features", ident.model_key)
+    from raypath.embed.identity import default_store_dir
+
+    feature_dir = cfg.feature_dir or default_store_dir(cfg.workdir, ident.model_key, cfg.adapter, s3)
     check_storage([cfg.workdir, feature_dir], s3)
     plan = plan_embed(cfg, ident, feature_dir, s3)
     check_storage([t.uri for t in plan.todo], s3)
@@ -990,14 +994,23 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "export-h5",
         help="export a feature folder to one .h5 per slide (CLAM/TRIDENT layout: features, coords)",
     )
-    h.add_argument("feature_dir", help="features/<model_key> folder written by `raypath embed`")
-    h.add_argument("out_dir", help="output folder for <slide_id>.h5 files")
-    h.add_argument("--slide-ids", nargs="+", default=None, help="only these slides")
+    io = h.add_argument_group("inputs and outputs")
+    io.add_argument("--features", metavar="PATH", help="feature store: a folder, or a model name/key under "
+                    "<workdir>/features/ (with --workdir) [required]")
+    io.add_argument("--workdir", metavar="PATH", help="project folder, to name --features by model [default: none]")
+    io.add_argument("--out", metavar="PATH", help="output folder for <slide_id>.h5 files [required]")
+    io.add_argument("--slide-ids", nargs="+", default=None, metavar="SLIDE", help="only these slides [default: all]")
+    h.add_argument("feature_dir", nargs="?", help=argparse.SUPPRESS)  # older spelling: positional FEATURES OUT
+    h.add_argument("out_dir", nargs="?", help=argparse.SUPPRESS)
 
     def run_h5(args: argparse.Namespace) -> int:
-        from raypath.embed.store import export_h5
+        from raypath.embed.store import export_h5, resolve_feature_dir
 
-        paths = export_h5(args.feature_dir, args.out_dir, args.slide_ids)
+        features, out = args.features or args.feature_dir, args.out or args.out_dir
+        if not features or not out:
+            raise RaypathError("export-h5 needs --features (a feature folder or model name) and --out FOLDER")
+        args.out_dir = out
+        paths = export_h5(resolve_feature_dir(args.workdir, features), out, args.slide_ids)
         print(f"wrote {len(paths)} .h5 files to {args.out_dir}")
         return 0
 
