@@ -189,3 +189,21 @@ def test_fits_run_as_ray_tasks_and_fine_tune_on_ray_train(study, tmp_path, ray_s
     rec = json.load(open(os.path.join(cfg.run_dir(), "fits", "scaling__all__lora__f1__s42.json")))
     assert rec["info"]["context"] == "Ray Train" and rec["info"]["epochs"] == 2
     assert 0 < rec["info"]["trainable_params"] < 50000  # adapter + head only (tiny-vit has ~80k weights)
+
+
+def test_a_mitosis_study_is_reused_only_when_written_by_the_same_generator(tmp_path):
+    from raypath.synth import mitosis
+
+    cfg = MitosisConfig(out=str(tmp_path / "s"), **{**TINY, "n_domains": 1, "slides_per_domain": 1, "slide_px": 384,
+                                                    "cells_per_slide": 4, "reuse": True})
+    synthesize_mitosis(cfg)
+    slide = tmp_path / "s" / "slides" / "d0_s000.svs"
+    stamp = os.path.getmtime(slide)
+    synthesize_mitosis(cfg)
+    assert os.path.getmtime(slide) == stamp  # reused
+    doc = json.load(open(tmp_path / "s" / "domains.json"))
+    doc["generator_version"] -= 1
+    (tmp_path / "s" / "domains.json").write_text(json.dumps(doc, indent=2))
+    synthesize_mitosis(cfg)
+    assert os.path.getmtime(slide) != stamp  # a study of another generator version is rendered again
+    assert json.load(open(tmp_path / "s" / "domains.json"))["generator_version"] == mitosis.GENERATOR_VERSION

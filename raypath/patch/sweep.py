@@ -96,17 +96,16 @@ def _metrics_rows(cfg) -> list[dict]:
     return pd.read_csv(join(cfg.run_dir(), "metrics.csv")).to_dict("records")
 
 
-def run_patch_sweep(cfg, space, callbacks: list | None = None):
-    """Run a ``kind: patch`` sweep (the ``raypath sweep`` entry for this kind)."""
+def run_patch_sweep(cfg, space, sweep_dir: str, searcher, tune_name: str = "tune", callbacks: list | None = None):
+    """Run a ``kind: patch`` sweep: ``raypath sweep`` calls this with its SweepConfig, the parsed
+    space, the sweep folder and the Optuna searcher it built."""
     from ray import tune
 
     from raypath.io.ray_env import ensure_ray
     from raypath.patch.api import prepare
-    from raypath.sweep.api import TUNE_NAME, build_searcher, sweep_dir_of
     from raypath.sweep.outputs import SweepResult
 
     fixed = dict(space.fixed.get("patch", {}))
-    sweep_dir = sweep_dir_of(cfg)
     cfg.save(sweep_dir)
     prepare(trial_patch_config(fixed, {}, cfg.workdir, "sweep-check"))  # bad input fails here; cache built once
     ray = ensure_ray()
@@ -118,9 +117,8 @@ def run_patch_sweep(cfg, space, callbacks: list | None = None):
     limit = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=build_searcher(space, cfg, sweep_dir), num_samples=cfg.num_samples,
-                                    max_concurrent_trials=limit),
-        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=sweep_dir, callbacks=callbacks or [], verbose=0,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples, max_concurrent_trials=limit),
+        run_config=tune.RunConfig(name=tune_name, storage_path=sweep_dir, callbacks=callbacks or [], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     grid = tuner.fit()

@@ -275,7 +275,8 @@ def run_sweep(cfg: SweepConfig, callbacks: list | None = None) -> SweepResult:
     if space.kind == "patch":  # the patch benchmark's own trial (raypath.patch.sweep)
         from raypath.patch.sweep import run_patch_sweep
 
-        return run_patch_sweep(cfg, space, callbacks)
+        sweep_dir = sweep_dir_of(cfg)
+        return run_patch_sweep(cfg, space, sweep_dir, build_searcher(space, cfg, sweep_dir), TUNE_NAME, callbacks)
     if cfg.features:
         space.features = cfg.features
     sweep_dir = sweep_dir_of(cfg)

@@ -19,7 +19,7 @@ What makes it a benchmark rather than a toy
   (nuclear density, size, glands), the mix of imposters (lymphoma is rich in
   lymphocytes and tingible-body apoptosis), figure size and chromatin
   darkness, stain (per-domain H&E vectors, concentration, white balance,
-  gamma, blur: :func:`raypath.synth.study.make_sites`), pixel size (0.227 -
+  gamma, blur: :func:`domain_stains`), pixel size (0.227 -
   0.263 um/px, like Hamamatsu, Aperio and Leica 40x scanners) and JPEG
   quality.  A classifier that keys on darkness or colour of one domain
   transfers worse to the others.
@@ -55,7 +55,8 @@ from pydantic import Field, ValidationError
 from raypath.config import StageConfig
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, is_remote, join
-from raypath.synth.texture import StainParams, beer_lambert_rgb, blur_margin_px, blur_rows, make_layout, render_rows
+from raypath.synth.texture import (HE_OD_REFERENCE, StainParams, beer_lambert_rgb, blur_margin_px, blur_rows,
+                                   make_layout, render_rows)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ DOMAINS: tuple[dict[str, Any], ...] = (
 SCANNERS = (("hamamatsu-xr", 0.2273), ("aperio-cs2", 0.2456), ("leica-gt450", 0.2634), ("hamamatsu-s360", 0.2304))
 #: Half side of a figure's drawing window, in micrometres.
 _WINDOW_UM = 14.0
+#: Bumped whenever the drawing changes: a study written by another version is never reused.
+GENERATOR_VERSION = 2
 #: Cells stay this far from the slide's edge (a 256 px context at 0.25 um/px is 64 um wide).
 _EDGE_UM = 34.0
 #: Side of the annotation boxes in annotations.json (MIDOG uses 50 px boxes).
@@ -120,12 +123,33 @@ _DOMAIN, _PLAN, _CELL, _TISSUE = 1, 2, 3, 4
 # --------------------------------------------------------------------------- domains
 
 
+def domain_stains(n: int, seed: int, strength: float) -> list[StainParams]:
+    """Each domain's lab and scanner appearance: H&E vectors tilted from the reference, staining
+    strength, white balance, tone curve and blur.  Each knob takes evenly spread values over the
+    domains in a seed-dependent order, so domains always differ (when ``strength > 0``)."""
+    rng = _rng(seed, _DOMAIN)
+    spread = np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
+    h_scale, e_scale, gamma, blur, tilt = (rng.permutation(spread) + rng.uniform(-0.15, 0.15, n) for _ in range(5))
+    out = []
+    for d in range(n):
+        od = HE_OD_REFERENCE.copy()
+        for k, amount in ((0, 0.10), (1, 0.12)):
+            v = rng.normal(size=3)
+            od[k] = od[k] + strength * amount * (1 + tilt[d]) / 2 * v / np.linalg.norm(v)
+        od = np.abs(od) / np.linalg.norm(od, axis=1, keepdims=True)
+        out.append(StainParams(
+            stain_od=od.astype(np.float32),
+            conc_scale=(float(1 + strength * 0.22 * h_scale[d]), float(1 + strength * 0.25 * e_scale[d])),
+            white_rgb=tuple(float(v) for v in np.clip(0.965 - strength * rng.uniform(0.0, 0.05, 3), 0.5, 1.0)),
+            gamma=float(np.clip(1 + strength * 0.12 * gamma[d], 0.5, 2.0)),
+            blur_um=float(max(0.0, strength * 0.3 * (1 + blur[d]))),
+        ))
+    return out
+
+
 def make_domains(cfg: MitosisConfig) -> list[dict[str, Any]]:
     """Each domain's tumour type, scanner, pixel size, JPEG quality, stain and morphology."""
-    from raypath.synth.study import SynthConfig, make_sites
-
-    sites = make_sites(SynthConfig(out=cfg.out, n_cohorts=cfg.n_domains, seed=cfg.seed + 101,
-                                   site_strength=cfg.site_strength))
+    stains = domain_stains(cfg.n_domains, cfg.seed, cfg.site_strength)
     m = cfg.morphology_strength
     out = []
     for d in range(cfg.n_domains):
@@ -137,7 +161,7 @@ def make_domains(cfg: MitosisConfig) -> list[dict[str, Any]]:
             "scanner": scanner,
             "mpp": mpp,
             "jpeg_quality": cfg.jpeg_quality[d % len(cfg.jpeg_quality)],
-            "stain": sites[d]["stain"],
+            "stain": stains[d],
             "density": base["density"], "nuc_r": base["nuc_r"], "pleo": base["pleo"], "gland": base["gland"],
             "fig_scale": 1.0 + m * (base["fig_scale"] - 1.0),
             "dark": 1.0 + m * (base["dark"] - 1.0),
@@ -148,8 +172,9 @@ def make_domains(cfg: MitosisConfig) -> list[dict[str, Any]]:
 
 
 def domains_json(domains: list[dict[str, Any]]) -> str:
+    """``domains.json``: the generator's version and every domain's parameters (the reuse check compares it)."""
     doc = [{**{k: v for k, v in d.items() if k != "stain"}, **d["stain"].to_dict()} for d in domains]
-    return json.dumps(doc, indent=2)
+    return json.dumps({"generator_version": GENERATOR_VERSION, "domains": doc}, indent=2)
 
 
 # --------------------------------------------------------------------------- plan
@@ -445,6 +470,9 @@ def _reusable(cfg: MitosisConfig) -> pd.DataFrame | None:
             doc = yaml.safe_load(f) or {}
         if doc.get("raypath_version") != __version__ or keep(doc.get("config") or {}) != keep(cfg.to_dict()):
             return None
+        with open_file(join(cfg.out, "domains.json"), "rb") as f:
+            if f.read().decode() != domains_json(make_domains(cfg)):  # another generator version or domain table
+                return None
         with open_file(join(cfg.out, "cohort.csv"), "rb") as f:
             slides = pd.read_csv(f, dtype=str)
         if not all(exists(join(cfg.out, u)) for u in slides["uri"]):
