@@ -115,6 +115,27 @@ def fp32_cosine(key: str, path: Path, amp: str, device: str, n: int = 256) -> tu
     return float(cos.mean()), float(cos.min())
 
 
+def pipeline_row(args, root: Path, shape: str, key: str, ids: list[str], mo: float, fl: float) -> dict:
+    """``raypath embed`` on ``ids``: steady and end-to-end tiles/s, start-up, CPU cores used."""
+    from raypath.embed.api import EmbedConfig, embed
+
+    busy0 = cpu_busy_s()
+    res = embed(EmbedConfig(workdir=str(root), model=key, weights="random", batch_size=args.batch_size,
+                            slide_ids=ids, force=True, compile=args.compile, progress_interval_s=5, amp=args.amp,
+                            actor_concurrency=args.actor_concurrency, decode=args.decode,
+                            feature_dir=str(root / "features" / shape)))
+    cores = (cpu_busy_s() - busy0) / max(res.elapsed_s, 1e-9)  # whole machine, start-up included
+    steady = res.steady_tiles_per_s or float("nan")
+    return {
+        "shape": shape, "model": key, "gflops_per_tile": fl / 1e9, "tiles": res.tiles_embedded,
+        "model_only_tiles_s": mo, "pipeline_tiles_s": steady,
+        "end_to_end_tiles_s": res.tiles_per_s, "startup_s": res.first_output_s or float("nan"),
+        "frac_model_only": steady / mo, "all_slides_ok": bool((res.slides.status == "done").all()),
+        "decode": args.decode, "cpu_cores_used": cores,
+        "cores_per_1000_tiles_s": cores / max(res.tiles_per_s / 1000, 1e-9),
+    }
+
+
 def _make(args):
     path, px, seed = args
     return mosaic_slide(Path(path), px, px, seed=seed)
@@ -165,36 +186,22 @@ def main(argv=None) -> int:
     per_slide = len(tdf) // len(sdf)
     print(f"[{len(sdf)} slides x {per_slide} tiles written in {time.perf_counter() - t0:.1f} s; GPU {gpu}]")
 
-    from raypath.embed.api import EmbedConfig, embed
     from raypath.io.ray_env import ensure_ray
 
-    ensure_ray()
+    t_ray = time.perf_counter()
+    ensure_ray()  # joins $RAY_ADDRESS when set
+    print(f"[Ray ready in {time.perf_counter() - t_ray:.1f} s ({'joined ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'started locally'})]")
     rows = []
     for shape in args.models:
         key = SHAPES[shape]
         mo, fl = model_only(key, args.batch_size, args.model_only_s, args.compile, device, args.amp)
         n_sl = int(min(len(sdf), max(4, np.ceil(mo * args.pipeline_s / per_slide))))
-        ids = sorted(sdf.slide_id)[:n_sl]
-        busy0 = cpu_busy_s()
-        res = embed(EmbedConfig(workdir=str(root), model=key, weights="random", batch_size=args.batch_size,
-                                slide_ids=ids, force=True, compile=args.compile, progress_interval_s=5, amp=args.amp,
-                                actor_concurrency=args.actor_concurrency, decode=args.decode,
-                                feature_dir=str(root / "features" / shape)))
-        cores = (cpu_busy_s() - busy0) / max(res.elapsed_s, 1e-9)  # whole machine, start-up included
-        ok = (res.slides.status == "done").all()
-        steady = res.steady_tiles_per_s or float("nan")
-        row = {
-            "shape": shape, "model": key, "gflops_per_tile": fl / 1e9, "tiles": res.tiles_embedded,
-            "model_only_tiles_s": mo, "pipeline_tiles_s": steady,
-            "end_to_end_tiles_s": res.tiles_per_s, "startup_s": res.first_output_s or float("nan"),
-            "frac_model_only": steady / mo, "all_slides_ok": bool(ok), "decode": args.decode,
-            "cpu_cores_used": cores, "cores_per_1000_tiles_s": cores / max(res.tiles_per_s / 1000, 1e-9),
-        }
+        row = pipeline_row(args, root, shape, key, sorted(sdf.slide_id)[:n_sl], mo, fl)
         if args.check_fp32:
             row["cos_fp32_mean"], row["cos_fp32_min"] = fp32_cosine(key, Path(jobs[0][0]), args.amp, device)
         if peak:
             row["frac_bf16_peak_model_only"] = fl * mo / peak
-            row["frac_bf16_peak_pipeline"] = fl * steady / peak
+            row["frac_bf16_peak_pipeline"] = fl * row["pipeline_tiles_s"] / peak
         rows.append(row)
         print(table([row], list(row)))
         save("gpu_partial", {"gpu": gpu, "rows": rows})  # survives a run cut short
