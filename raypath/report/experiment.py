@@ -144,12 +144,18 @@ def experiment_verdict(doc: dict, paired: tuple[float, float, int] | None, comp:
     if is_number(mb) and is_number(ma):
         parts.append(f"the mean held-out-cohort score from {num(mb)} to {num(ma)}")
     text = "After adaptation " + " and ".join(parts) + "." if parts else "The experiment has no results yet."
+    if comp and any(r["delta_ci"] for r in R.comparison_rows(comp)):
+        text += "  Robustness: " + R.comparison_verdict(comp)[0].lower() + R.comparison_verdict(comp)[1:]
     if paired:
         mean, se, n = paired
         moved = abs(mean) > 2 * se
         text += (f"  Per held-out cohort the change is {mean:+.3f} \u00b1 {se:.3f} (standard error over {n} "
                  f"cohorts): {'beyond' if moved else 'within'} noise.")
     return text
+
+
+def _plural(n: Any, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}" if n is not None else f"? {noun}s"
 
 
 def _run_name(uri: str | None) -> str | None:
@@ -191,9 +197,10 @@ def experiment_context(folder: Folder, doc: dict) -> dict[str, Any]:
     mil = doc.get("mil") or {}
     before_doc = _mil_doc(workdir, (mil.get("before") or {}).get("run_dir"))
     after_doc = _mil_doc(workdir, (mil.get("after") or {}).get("run_dir"))
-    from raypath.report.mil import metric_label
+    from raypath.report.mil import headline_rows, metric_label, notes
 
     label = metric_label((mil.get("before") or {}).get("metric") or "c_index")
+    why = [f"before, {n}" for n in notes(headline_rows(before_doc))] if before_doc else []
     adapters = _adapters(doc)
     curves = {a: (workdir.sub(f"adapters/{a}").json_or_none("metrics.json") or {}).get("epochs") or []
               for a in adapters.values()}
@@ -202,7 +209,7 @@ def experiment_context(folder: Folder, doc: dict) -> dict[str, Any]:
         "title": f"Adaptation experiment {folder.name}",
         "subtitle": (f"{len(adapters)} DoRA adapter{'s' if len(adapters) != 1 else ''} on {doc.get('model', '?')}"
                      + (", one per held-out cohort, tuned only on that fold's training slides" if per_fold else "")
-                     + f" ({doc.get('adapt_epochs', '?')} epochs, {doc.get('adapt_tiles', '?')} tiles); robustness "
+                     + f" ({_plural(doc.get('adapt_epochs'), 'epoch')}, {_plural(doc.get('adapt_tiles'), 'tile')}); robustness "
                      "and ABMIL leave-one-dataset-out before and after, on the same slides"),
         "verdict": experiment_verdict(doc, _paired(mil.get("before") or {}, mil.get("after") or {}), comp),
         "rob_rows": robustness_rows(comp),
@@ -212,5 +219,6 @@ def experiment_context(folder: Folder, doc: dict) -> dict[str, Any]:
                          for k, v in (doc.get("feature_dirs") or {}).items()},
         "timings": doc.get("timings_s") or {},
         "note": doc.get("robustness_note"),
+        "mil_notes": why[:4],
         "curves": adapter_curves_png(curves, "adapters of this experiment"),
     }

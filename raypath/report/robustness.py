@@ -135,7 +135,10 @@ def comparison_rows(doc: dict) -> list[dict[str, Any]]:
         if isinstance(chance, str):
             c = doc.get("delta", {}).get(chance, {})
             chance = c.get("a") if is_number(c.get("a")) and c.get("a") == c.get("b") else None
+        lo, hi = d.get("ci_low"), d.get("ci_high")
         rows.append({"label": label(key), "a": d.get("a"), "b": d.get("b"), "delta": d.get("delta"),
+                     "delta_ci": f"[{num(lo)}, {num(hi)}]" if is_number(lo) and is_number(hi) else "",
+                     "beyond_noise": bool(is_number(lo) and is_number(hi) and (lo > 0 or hi < 0)),
                      "cls_a": "better" if who == "a" else ("worse" if who == "b" else ""),
                      "cls_b": "better" if who == "b" else ("worse" if who == "a" else ""),
                      "better": direction_text(key), "chance": chance if is_number(chance) else None})
@@ -144,15 +147,22 @@ def comparison_rows(doc: dict) -> list[dict[str, Any]]:
 
 def comparison_verdict(doc: dict) -> str:
     la, lb = doc["labels"]["a"], doc["labels"]["b"]
-    wins = {"a": 0, "b": 0}
-    for d in doc.get("delta", {}).values():
-        if d.get("more_robust") in wins:
-            wins[d["more_robust"]] += 1
-    n = sum(wins.values())
+    rows = comparison_rows(doc)
+    same = f"same {doc.get('n_common_slides', '?')} slides and tile sampling for both"
+    if any(r["delta_ci"] for r in rows):  # paired bootstrap CIs of B - A
+        moved = [r for r in rows if r["beyond_noise"]]
+        if not moved:
+            return (f"No difference between {la} and {lb} beyond noise: every 95% CI of the difference "
+                    f"includes 0 ({same}).")
+        parts = [f"{r['label']} ({lb if r['cls_b'] == 'better' else la if r['cls_a'] == 'better' else '?'} "
+                 "more robust)" for r in moved]
+        return (f"Beyond noise (95% CI of {lb} \u2212 {la} excludes 0): " + "; ".join(parts)
+                + f"; the other {len(rows) - len(moved)} metrics are within noise ({same}).")
+    wins = {"a": sum(r["cls_a"] == "better" for r in rows), "b": sum(r["cls_b"] == "better" for r in rows)}
+    n = wins["a"] + wins["b"]
     if not n:
         return f"{la} and {lb} cannot be told apart on these metrics."
     lead = lb if wins["b"] > wins["a"] else la if wins["a"] > wins["b"] else None
     head = f"{lead} is more robust on {max(wins.values())} of {n} metrics" if lead else \
         f"{la} and {lb} are each more robust on {wins['a']} of {n} metrics"
-    return (f"{head} (same {doc.get('n_common_slides', '?')} slides and tile sampling for both); "
-            "single runs: small differences are within noise.")
+    return f"{head} ({same}); single runs without confidence intervals: small differences may be noise."
