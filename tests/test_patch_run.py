@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from raypath.errors import RaypathError
 from raypath.patch.api import PatchConfig, prepare, run_patch
 from raypath.patch.builders import from_point_annotations
 from raypath.synth.mitosis import MitosisConfig, synthesize_mitosis
@@ -113,7 +114,14 @@ def test_benchmark_run_writes_curves_matrix_report_and_reuses_fits_and_features(
     stamps = {f: os.path.getmtime(os.path.join(fits_dir, f)) for f in os.listdir(fits_dir)}
     feat_dir = os.path.join(wd, "features", doc["identity"]["model_key"], "patches")
     feats = {f: os.path.getmtime(os.path.join(feat_dir, f)) for f in os.listdir(feat_dir)}
-    assert len(feats) == 9  # one file per slide, keyed by patch_id
+    assert sum(f.endswith(".parquet") for f in feats) == 9  # one file per slide, keyed by patch_id
+    from raypath.embed.identity import check_store
+
+    ident = check_store(feat_dir, {"model": "tiny-vit", "tiling": {"target_mpp": 0.5, "tile_px": 48},
+                                   "weights_sha256": "random:0"})
+    assert ident.model_key == doc["identity"]["model_key"] and ident.inputs_sha256
+    with pytest.raises(RaypathError, match="does not match: tiling"):
+        check_store(feat_dir, {"tiling": {"target_mpp": 0.5, "tile_px": 224}})
     run_patch(_cfg(wd, out, n_boot=20, methods=["linear", "knn", "lora", "e2e-resnet", "dora"], fractions=[1.0]))
     new = {f for f in os.listdir(fits_dir) if f not in stamps}
     assert new and all("__dora__" in f for f in new)  # only the new method's fits ran
@@ -152,7 +160,6 @@ def test_fine_tuning_resumes_after_a_kill_with_the_same_result(study, tmp_path):
 def test_sweep_accepts_a_patch_space_and_runs_trials_on_ray_tune(study, tmp_path, ray_session):
     import yaml
 
-    from raypath.errors import RaypathError
     from raypath.sweep.api import SweepConfig, run_sweep
     from raypath.sweep.space import parse_space
 

@@ -248,17 +248,19 @@ def _done(run_dir: str, key: str, results_key: str) -> dict | None:
 
 def prepare(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     """Table, split, patch cache, classes and (lazily) features: everything fits share."""
-    from raypath.patch.images import Geometry, build_patch_cache, default_cache_dir
+    from raypath.patch.images import Geometry, build_patch_cache, default_cache_dir, source_fingerprints
     from raypath.patch.protocols import assign_splits
 
     table = load_patch_table(cfg, s3)
     split = assign_splits(table, cfg.test_fraction, cfg.val_fraction, cfg.split_seed)
     classes = sorted(table["label"].astype(str).unique())
     geom = Geometry(cfg.patch_px, cfg.mpp, cfg.shift_px)
-    images = build_patch_cache(table, geom, cfg.cache_dir or default_cache_dir(cfg.workdir), s3)
+    fps = source_fingerprints(table, s3)
+    images = build_patch_cache(table, geom, cfg.cache_dir or default_cache_dir(cfg.workdir), s3, fingerprints=fps)
     y = np.array([classes.index(v) for v in table["label"].astype(str)], dtype=np.int64)
     positive = classes.index(cfg.positive_label) if cfg.positive_label in classes else None
-    return {"table": table, "split": split, "classes": classes, "images": images, "y": y, "positive": positive}
+    return {"table": table, "split": split, "classes": classes, "images": images, "y": y, "positive": positive,
+            "fingerprints": fps}
 
 
 def _features(cfg: PatchConfig, ctx: dict, s3: S3Options | None) -> np.ndarray:
@@ -266,7 +268,7 @@ def _features(cfg: PatchConfig, ctx: dict, s3: S3Options | None) -> np.ndarray:
 
     if "features" not in ctx:
         ctx["features"] = patch_features(ctx["table"], ctx["images"], cfg.workdir, cfg.model, cfg.weights,
-                                         device=cfg.device, batch_size=cfg.embed_batch, s3=s3)
+                                         ctx["fingerprints"], device=cfg.device, batch_size=cfg.embed_batch, s3=s3)
     return ctx["features"]
 
 

@@ -1,27 +1,35 @@
 """Frozen-backbone features of patches, cached in the feature store by ``patch_id``.
 
-Layout (next to the slide features of ``raypath embed``)::
+Layout (inside the model's feature store)::
 
-    features/<model_key>/patches/<slide_id>.parquet   # patch_id, embedding (float16 list)
+    features/<model_key>/patches/
+        manifest.json            # the feature identity (raypath.embed.identity) + one entry per slide
+        <slide_id>.parquet       # patch_id, embedding (float16 fixed-size list)
 
-Each file carries its cache key in the parquet metadata: sha256 of the
-model identity (registry key, weights and adapter sha256, preprocessing),
-the patch geometry (side, mpp) and the slide's patch rows (ids, uri,
-centres, mpp).  A run reuses every file whose key matches, so probes with
-other seeds, fractions or C never re-embed; a change of model, weights,
-geometry or annotations re-embeds exactly the slides it touches.  Images
-are embedded batch by batch from the patch cache's memory map: memory is
-bounded by the batch, not by the number of patches.
+The identity is the project's one feature identity
+(:func:`raypath.embed.identity.derive_identity`: model, weights and adapter
+sha256, preprocessing, decode path) with the patch geometry as its tiling
+(``target_mpp`` = the patch mpp, ``tile_px`` = the patch side) and the
+digest of the inputs (each slide file's fingerprint and its patch rows).
+Each slide file carries its cache key (identity without inputs + the
+slide's fingerprint + its patch rows) in the parquet metadata: a run reuses
+every file whose key matches, so probes with other seeds, fractions or C
+never re-embed, and a change of model, weights, geometry, annotations or
+slide file re-embeds exactly the slides it touches.  Images are embedded
+batch by batch from the patch cache's memory map: memory is bounded by the
+batch, not by the number of patches.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import numpy as np
 import pandas as pd
 
-from raypath.embed.store import CACHE_KEY_META, cache_key, file_cache_key
+from raypath.embed.store import CACHE_KEY_META, file_cache_key, read_manifest, write_manifest
 from raypath.io.storage import S3Options, exists, join, read_parquet, write_parquet_atomic
 from raypath.patch.images import PatchImages
 
@@ -30,28 +38,26 @@ log = logging.getLogger(__name__)
 PATCH_FOLDER = "patches"
 
 
-def feature_identity(model: str, weights: str | None) -> dict:
-    """What identifies a model's features: key, weights/adapter sha256, preprocessing."""
-    from raypath.embed.api import model_identity
+def feature_identity(model: str, weights: str | None, patch_px: int | None = None, mpp: float | None = None):
+    """The :class:`~raypath.embed.identity.FeatureIdentity` of patch features (inputs not yet set)."""
+    from raypath.embed.identity import derive_identity
 
-    ident = model_identity(model, weights, None)
-    return {
-        "model_key": ident.model_key,
-        "arch": [ident.spec.family, ident.spec.arch, ident.spec.arch_kwargs],
-        "weights_sha256": ident.weights_sha256,
-        "adapter_sha256": ident.adapter_sha256,
-        "preprocessing": ident.spec.preprocessing(),
-    }
+    ident = derive_identity(model, weights)
+    return ident.replace(tiling={"target_mpp": mpp, "tile_px": patch_px})
 
 
-def feature_dir(workdir: str, identity: dict) -> str:
-    return join(workdir, "features", identity["model_key"], PATCH_FOLDER)
+def feature_dir(workdir: str, identity) -> str:
+    return join(workdir, "features", identity.model_key, PATCH_FOLDER)
 
 
-def _slide_key(identity: dict, rows: pd.DataFrame, geometry: dict) -> str:
+def _slide_entry(identity, rows: pd.DataFrame, fingerprints: dict[str, str]) -> dict:
     cols = [c for c in ("patch_id", "uri", "x", "y", "mpp") if c in rows.columns]
-    return cache_key({"identity": identity, "geometry": geometry,
-                      "patches": rows[cols].astype(str).sort_values("patch_id").to_numpy().tolist()})
+    patches = rows[cols].astype(str).sort_values("patch_id").to_numpy().tolist()
+    fps = sorted({fingerprints.get(u, "") for u in rows["uri"].astype(str)})
+    doc = {"identity": {**identity.to_dict(), "inputs_sha256": None}, "fingerprints": fps, "patches": patches}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+    return {"cache_key": key, "slide_fingerprint": "|".join(fps),
+            "tiles_sha256": hashlib.sha256(json.dumps(patches).encode()).hexdigest(), "n_patches": int(len(rows))}
 
 
 def _write(uri: str, patch_ids, feats: np.ndarray, key: str, s3: S3Options | None) -> None:
@@ -71,31 +77,42 @@ def _read(uri: str, s3: S3Options | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def patch_features(table: pd.DataFrame, images: PatchImages, workdir: str, model: str, weights: str | None,
-                   device: str = "auto", batch_size: int = 64, s3: S3Options | None = None) -> np.ndarray:
+                   fingerprints: dict[str, str], device: str = "auto", batch_size: int = 64,
+                   s3: S3Options | None = None) -> np.ndarray:
     """``[len(table), D]`` float32 features in table order (cached; see the module doc)."""
-    identity = feature_identity(model, weights)
+    g = images.geometry
+    identity = feature_identity(model, weights, g.patch_px, g.mpp)
     folder = feature_dir(workdir, identity)
-    geometry = {"patch_px": images.geometry.patch_px, "mpp": images.geometry.mpp}
-    out: np.ndarray | None = None
-    todo: list[tuple[str, pd.DataFrame, str]] = []
     pos = {p: i for i, p in enumerate(table["patch_id"].astype(str))}
+    out = np.zeros((len(table), identity.spec.embed_dim), np.float32)
+    entries, todo = {}, []
     for sid, rows in table.groupby("slide_id", sort=True):
-        uri, key = join(folder, f"{sid}.parquet"), _slide_key(identity, rows, geometry)
-        if exists(uri, s3) and file_cache_key(folder, sid, s3) == key:
+        entry = entries[str(sid)] = _slide_entry(identity, rows, fingerprints)
+        uri = join(folder, f"{sid}.parquet")
+        if exists(uri, s3) and file_cache_key(folder, str(sid), s3) == entry["cache_key"]:
             ids, feats = _read(uri, s3)
-            out = np.zeros((len(table), feats.shape[1]), np.float32) if out is None else out
             out[[pos[p] for p in ids]] = feats
         else:
-            todo.append((uri, rows, key))
+            todo.append((uri, rows, entry["cache_key"]))
     if todo:
         embedder = _embedder(model, weights, device, batch_size)
         for uri, rows, key in todo:
             feats = embedder(images, images.rows(rows["patch_id"].astype(str).tolist()))
             _write(uri, rows["patch_id"], feats, key, s3)
-            out = np.zeros((len(table), feats.shape[1]), np.float32) if out is None else out
             out[[pos[p] for p in rows["patch_id"].astype(str)]] = feats.astype(np.float16).astype(np.float32)
-        log.info("patch: embedded %d slide(s) of patches with %s -> %s", len(todo), identity["model_key"], folder)
+        log.info("patch: embedded %d slide(s) of patches with %s -> %s", len(todo), identity.model_key, folder)
+    _update_manifest(folder, identity, entries, s3)
     return out
+
+
+def _update_manifest(folder: str, identity, entries: dict, s3: S3Options | None) -> None:
+    """``manifest.json`` in the store's layout: every slide file there, the identity over them."""
+    old = read_manifest(folder, s3)
+    slides = {**(old.get("slides") or {}), **entries} if old.get("model_key") == identity.model_key else dict(entries)
+    doc = {"model": identity.model, "model_key": identity.model_key, "kind": "patches",
+           "identity": identity.with_inputs(slides).to_dict(), "slides": slides}
+    if doc != old:
+        write_manifest(folder, doc, s3)
 
 
 def _embedder(model: str, weights: str | None, device: str, batch_size: int):

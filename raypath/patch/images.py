@@ -15,7 +15,8 @@ reflect-padded to the context size.
 The cache is one ``.npy`` file opened as a memory map, so memory stays at
 one read batch while it is filled and one training batch while it is used,
 whatever the number of patches.  Its folder is named by the digest of the
-patch table's pixel-deciding columns and the geometry; it is written to a
+patch table's pixel-deciding columns, the fingerprints of the files read
+(size, mtime/ETag, first bytes) and the geometry; it is written to a
 temporary folder and renamed when complete, so a killed run never leaves a
 half cache that looks whole.
 """
@@ -77,8 +78,25 @@ class PatchImages:
         return np.ascontiguousarray(self.images[np.asarray(rows, np.int64), s:s + p, s:s + p])
 
 
-def cache_key(table: pd.DataFrame, geom: Geometry) -> str:
-    doc = json.dumps({"v": CACHE_VERSION, "table": table_digest(table), "geometry": asdict(geom)}, sort_keys=True)
+def source_fingerprints(table: pd.DataFrame, s3: S3Options | None = None) -> dict[str, str]:
+    """``uri -> fingerprint`` (size, mtime/ETag, first bytes) of every slide and image file the
+    table reads: a file replaced under the same name gets new cache keys."""
+    from raypath.wsi.slide_io import SlideError, file_info, fingerprint, read_head
+
+    out = {}
+    for uri in sorted(set(table["uri"].astype(str))):
+        try:
+            out[uri] = fingerprint(file_info(uri, s3), read_head(uri, s3, 65536))
+        except SlideError as e:
+            rows = np.flatnonzero(table["uri"].astype(str).to_numpy() == uri)
+            raise RaypathError(f"patch table rows {', '.join(str(r + 1) for r in rows[:5])}: {uri!r} cannot be read "
+                               f"({e.detail}); fix the uri or drop the rows") from None
+    return out
+
+
+def cache_key(table: pd.DataFrame, geom: Geometry, fingerprints: dict[str, str] | None = None) -> str:
+    doc = json.dumps({"v": CACHE_VERSION, "table": table_digest(table), "geometry": asdict(geom),
+                      "files": sorted((fingerprints or {}).items())}, sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
@@ -152,10 +170,14 @@ def default_cache_dir(workdir: str) -> str:
 
 
 def build_patch_cache(table: pd.DataFrame, geom: Geometry, cache_dir: str, s3: S3Options | None = None,
-                      batch: int = 64, num_threads: int = 1) -> PatchImages:
-    """The cache of ``table``'s patches under ``cache_dir`` (built if missing); see the module doc."""
+                      batch: int = 64, num_threads: int = 1, fingerprints: dict[str, str] | None = None) -> PatchImages:
+    """The cache of ``table``'s patches under ``cache_dir`` (built if missing); see the module doc.
+
+    ``fingerprints`` (:func:`source_fingerprints`, computed when ``None``) go into the cache's name."""
     table = table.reset_index(drop=True)
-    folder = os.path.join(cache_dir, f"patches-{cache_key(table, geom)}")
+    if fingerprints is None:
+        fingerprints = source_fingerprints(table, s3)
+    folder = os.path.join(cache_dir, f"patches-{cache_key(table, geom, fingerprints)}")
     if os.path.exists(os.path.join(folder, _COMPLETE)):
         return PatchImages(folder)
     tmp = f"{folder}.partial-{os.getpid()}"

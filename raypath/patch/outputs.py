@@ -298,7 +298,8 @@ def write_outputs(cfg, run_dir: str, ctx: dict, fits, records: list[dict], elaps
 
     metrics = score_fits(cfg, run_dir, ctx, records, s3)
     summary = summarize(metrics)
-    identity = feature_identity(cfg.model, cfg.weights)
+    ident = feature_identity(cfg.model, cfg.weights, cfg.patch_px, cfg.mpp)
+    identity = {**ident.to_dict(), "model_key": ident.model_key}
     h = headline(cfg, metrics, summary, identity, n_classes=len(ctx["classes"]))
     plots = {k: v for k, v in (("scaling.png", scaling_plot(summary, cfg.metric)),
                                ("domain_matrix.png", domain_plot(summary, cfg.metric))) if v is not None}
