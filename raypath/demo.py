@@ -80,9 +80,11 @@ class _Steps:
 
 def _c_index_table(table):
     """The headline rows of a MIL result: C-index per split group and set
-    (external = the held-out cohort; internal = held-out patients of the
-    training cohorts, all of them together)."""
-    t = table[(table["metric"] == "c_index") & ((table["set"] == "external") | (table["cohort"] == "all"))]
+    (external = the held-out cohort; internal "all" = held-out patients of the
+    training cohorts pooled across cohorts; internal "stratified" = the same
+    patients, pairs compared only within a cohort)."""
+    t = table[(table["metric"] == "c_index")
+              & ((table["set"] == "external") | table["cohort"].isin(["all", "stratified"]))]
     fmt = [("n/a" if m != m or m is None else f"{m:.3f} +- {s:.3f}") for m, s in zip(t["mean"], t["sd"].fillna(0.0))]
     t = t.assign(c_index=fmt)
     return t[["name", "set", "cohort", "c_index", "n"]].rename(columns={"name": "fold", "n": "repeats"})
