@@ -104,6 +104,9 @@ def classify(sub: Folder) -> tuple[str, dict | None]:
         return "adapter", sub.json_or_none("adapter_info.json")
     if "sweep.json" in names or "trials.csv" in names:
         return "sweep", sub.json_or_none("sweep.json")
+    summary = sub.json_or_none("summary.json") if "summary.json" in names else None
+    if isinstance(summary, dict) and summary.get("stage") == "patch":
+        return "patch", summary  # `raypath patch` writes its own page (raypath.patch.outputs)
     doc = sub.json_or_none("metrics.json") if "metrics.json" in names else None
     if M.is_mil(doc):
         return "mil", doc
@@ -129,6 +132,8 @@ def headline(kind: str, doc: dict | None) -> str:
         mil = doc.get("mil") or {}
         b, a = (mil.get("before") or {}).get("mean"), (mil.get("after") or {}).get("mean")
         return f"before/after adaptation: mean held-out score {num(b)} \u2192 {num(a)}"
+    if kind == "patch":
+        return " ".join((doc.get("sentences") or [])[:2]) or f"patch classification, {doc.get('fits', '?')} fits"
     if kind == "adapter":
         return f"{str(doc.get('method', '')).upper()} r={doc.get('rank')} on {doc.get('model')}, {doc.get('epochs')} epochs"
     return "outputs without a headline (open the page)"

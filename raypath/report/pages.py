@@ -327,6 +327,9 @@ def write_index_report(workdir: str, s3: S3Options | None = None) -> list[str]:
     written, linked = [], set()
     for rel in folders:
         try:
+            if I.classify(folder.sub(rel))[0] == "patch" and folder.exists(f"{rel}/{REPORT_FILE}"):
+                linked.add(rel)  # the patch benchmark's own page is kept
+                continue
             written.append(write_run_report(join(workdir, rel), s3, linked=renderable))
             linked.add(rel)
         except RaypathError as e:

@@ -326,6 +326,30 @@ def track_sweep(cfg, sweep_dir: str, result) -> None:
                                               "best_config.yaml", "pareto_front.png", "objective_per_trial.png"])
 
 
+def patch_series(doc: dict, metric: str) -> list[tuple[str, float, int]]:
+    """In-domain score per method against the label fraction (step = percent of labels)."""
+    out = []
+    for r in doc.get("scaling") or []:
+        if r.get("in_domain", True) and _finite(r.get("fraction")):
+            out.append((metric_key(r.get("method"), metric), r.get(f"{metric}_mean"), round(100 * float(r["fraction"]))))
+    for method, v in ((doc.get("headline") or {}).get("at_full_data") or {}).items():
+        out.append((metric_key(method, metric, "full_data"), (v or {}).get("mean"), 0))
+    return out
+
+
+def track_patch(cfg, run_dir: str, doc: dict) -> None:
+    """Log a finished ``raypath patch`` benchmark: its score curves and page."""
+    with tracked_run(cfg.workdir, f"patch {str(run_dir).rstrip('/').rsplit('/', 1)[-1]}", "patch",
+                     {"raypath.run_dir": str(run_dir)}) as t:
+        if t is None:
+            return
+        client, run_id = t
+        metric = (doc.get("headline") or {}).get("metric") or getattr(cfg, "metric", "score")
+        log_batch(client, run_id, flat_params(_saved_config(run_dir, cfg.to_dict())), patch_series(doc, metric))
+        log_files(client, run_id, run_dir, ["report.html", "config.yaml", "summary.json", "summary.csv",
+                                            "results.md", "scaling.png", "domain_matrix.png"])
+
+
 def tune_callbacks(workdir: str, sweep_name: str) -> list:
     """Ray Tune's own ``MLflowLoggerCallback`` (driver side): one MLflow run per trial, metrics per fold."""
     try:

@@ -260,7 +260,9 @@ def plot_objectives(df: pd.DataFrame, space: SweepSpace, path: str) -> None:
 
     metrics = space.metric_names
     fig, axes = plt.subplots(len(metrics), 1, figsize=(7, 2.6 * len(metrics)), squeeze=False)
-    x = np.arange(len(df))
+    # numbered as in trials.csv (trial_index), as on the sweep's report page
+    idx = pd.to_numeric(df["trial_index"], errors="coerce") if "trial_index" in df else pd.Series(np.nan, index=df.index)
+    x = idx.to_numpy(float) if idx.notna().all() else np.arange(1, len(df) + 1, dtype=float)
     for ax, metric, mode in zip(axes[:, 0], metrics, space.modes):
         y = pd.to_numeric(df.get(metric), errors="coerce") if metric in df else pd.Series(np.nan, index=df.index)
         colours = df["status"].map({"complete": "tab:blue", "stopped": "tab:orange", "error": "tab:red"})
@@ -277,7 +279,7 @@ def plot_objectives(df: pd.DataFrame, space: SweepSpace, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[-1, 0].set_xlabel("trial (blue complete, orange stopped by ASHA, red failed)")
+    axes[-1, 0].set_xlabel("trial # as in trials.csv (blue complete, orange stopped by ASHA, red failed)")
     fig.suptitle("objective per trial")
     fig.tight_layout()
     _save_fig(fig, path)
