@@ -303,15 +303,23 @@ def run_patch(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     records += _run_jobs(jobs, cfg, run_dir, rkey)
     if cfg.stop_after_fits is not None and len(records) < len(fits):
         return {"stopped": True, "fits_done": len(records), "fits_planned": len(fits)}
-    return write_outputs(cfg, run_dir, ctx, fits, records, time.perf_counter() - t0, s3)
+    doc = write_outputs(cfg, run_dir, ctx, fits, records, time.perf_counter() - t0, s3)
+    from raypath.report.tracking import track_patch
+
+    track_patch(cfg, run_dir, doc)  # MLflow run, from the driver (RAYPATH_TRACKING=off to skip)
+    return doc
 
 
 def _run_jobs(jobs: list, cfg: PatchConfig, run_dir: str, rkey: str) -> list[dict]:
+    from raypath.io.progress import Progress
+
     if cfg.executor == "local" or not jobs:
         out = []
-        for i, job in enumerate(jobs):
-            log.info("patch: fit %d/%d %s", i + 1, len(jobs), job.fit.key)
-            out.append(execute_fit(job, run_dir, rkey))
+        with Progress("patch", len(jobs), "fits") as progress:
+            for i, job in enumerate(jobs):
+                log.info("patch: fit %d/%d %s", i + 1, len(jobs), job.fit.key)
+                out.append(execute_fit(job, run_dir, rkey))
+                progress.update(note=job.fit.key)
         return out
     import ray
 
@@ -326,7 +334,15 @@ def _run_jobs(jobs: list, cfg: PatchConfig, run_dir: str, rkey: str) -> list[dic
         uses = job.features is not None
         job.features = None
         refs.append(task.remote(job, fref if uses else None, run_dir, rkey))
-    return ray.get(refs)
+    results: list = [None] * len(refs)
+    pending = {r: i for i, r in enumerate(refs)}
+    with Progress("patch", len(refs), "fits") as progress:  # one line as fits finish, in any order
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for r in done:
+                results[pending.pop(r)] = ray.get(r)
+                progress.update()
+    return results
 
 
 def _ray_fit(job, features, run_dir: str, rkey: str) -> dict:
