@@ -130,6 +130,9 @@ class Backbone(torch.nn.Module):
         self.model = model
         self.family = get_family(spec.family)
         self.prompts: PromptTokens | None = None
+        # tokens computed from the input and inserted once (PathoTune's TTP + IVP, raypath.fm.pathotune):
+        # a module called as prompt_prefix(backbone, x) -> [B, M, D]
+        self.prompt_prefix: torch.nn.Module | None = None
         self.weights_sha256 = weights_sha256
         self.adapter_sha256 = adapter_sha256
         self.prompt_sha256: str | None = None
@@ -238,6 +241,8 @@ class Backbone(torch.nn.Module):
 
     def features(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised images -> read-out features ``[B, embed_dim]`` (with this backbone's prompts, if any)."""
+        if prefix is None and self.prompt_prefix is not None:
+            prefix = self.prompt_prefix(self, x)
         if self.prompts is None and prefix is None:
             return read_out(self.spec, self.tokens(x))
         t, skip = self.prompted_tokens(x, self.prompts() if self.prompts is not None else None, prefix)
@@ -562,12 +567,24 @@ def save_prompts(backbone: Backbone, path: str) -> str:
     return sha256_file(out)
 
 
+def prompt_file_kind(path: str) -> str:
+    """``"vpt"`` (a :func:`save_prompts` file) or the ``raypath_kind`` a prompt file's metadata names
+    (``"pathotune"``: TVP + TTP + IVP, :mod:`raypath.fm.pathotune`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("raypath_kind", "vpt")
+
+
 def load_prompts(backbone: Backbone, path: str) -> Backbone:
     """Attach the prompt tokens of a :func:`save_prompts` file to ``backbone``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
+        if prompt_file_kind(path) != "vpt":
+            raise RaypathError(f"prompt file {path!r} is a {prompt_file_kind(path)} file: load it with "
+                               "raypath.fm.pathotune.load_prompt_file (raypath embed --prompts does)")
         t = load_file(str(path))[PROMPTS_TENSOR]
     except (OSError, KeyError, SafetensorError) as e:
         raise RaypathError(
