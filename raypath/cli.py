@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "augment-preview": ("raypath.adapt.augment", "write a PNG grid of augmented views of real tiles"),
     "pretrain": ("raypath.adapt.pretrain", "train a small ViT (raypath-small) from scratch by DINO on a workdir's tiles (Ray Train)"),
     "mil": ("raypath.mil.cli", "train/evaluate ABMIL survival or classification (protocols lodo | internal | pairwise)"),
+    "predict": ("raypath.predict.api", "apply a saved final model to new slides (predictions, metrics, attention heatmaps)"),
     "robustness": ("raypath.robustness.cli", "site probe, KMeans cohort purity, RI, CRoMa, t-SNE of a feature store"),
     "sweep": ("raypath.sweep", "Ray Tune + Optuna search over adapter/MIL settings under nested LODO"),
     "patch": ("raypath.patch.cli", "patch classification benchmark: probes, LoRA/DoRA, full fine-tuning, end-to-end baselines"),

@@ -6,16 +6,15 @@ import argparse
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from raypath.config import config_from_args
-    from raypath.errors import RaypathError
     from raypath.mil.api import MilConfig, run_mil
 
-    try:
-        cfg = config_from_args(MilConfig, args)
-    except ValidationError as e:
-        raise RaypathError(f"invalid mil options: {e}") from None
+    cfg = config_from_args(MilConfig, args)
+    if args.final:
+        from raypath.predict.final import fit_final
+
+        print(f"final model: {fit_final(cfg, name=args.model_name, risk_quantiles=args.risk_quantiles)}")
+        return 0
     res = run_mil(cfg)
     s = res.summary
     t = res.table()
@@ -44,4 +43,12 @@ def add_cli(subparsers) -> None:
         ),
     )
     add_config_arguments(p, MilConfig)
+    final = p.add_argument_group("final model (for raypath predict)")
+    final.add_argument("--final", action="store_true",
+                       help="fit one model on every eligible slide with this config and save it to "
+                       "<workdir>/models/<name>/ instead of running a protocol")
+    final.add_argument("--model-name", default=None, metavar="NAME",
+                       help="folder name under <workdir>/models/ (default <run>-final)")
+    final.add_argument("--risk-quantiles", type=float, nargs="+", default=None, metavar="Q",
+                       help="risk-group cut-offs as quantiles of the training patients' risk (default 0.5: low/high)")
     p.set_defaults(func=_main)

@@ -1,0 +1,145 @@
+"""Final models and ``raypath predict``: save/load round trip, raw slides to
+predictions in one command (on S3), identity checks, failed slides, a cohort
+without outcomes, training patients flagged, attention heatmaps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raypath.errors import RaypathError
+
+
+def _study(out: str, seed: int, slides: int = 4):
+    from raypath.synth.study import SynthConfig, synthesize
+
+    return synthesize(SynthConfig(out=out, n_cohorts=2, slides_per_cohort=slides, slide_px=768, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_session):
+    """A workdir embedded with tiny-vit and a final survival model fitted on it."""
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.mil.api import MilConfig
+    from raypath.predict.final import fit_final
+    from raypath.wsi.ingest import IngestConfig, ingest
+    from raypath.wsi.tiling import TileConfig, tile
+
+    wd = str(tmp_path_factory.mktemp("train_wd"))
+    _study(f"{wd}/study", seed=0)
+    ingest(IngestConfig(workdir=wd, cohort=f"{wd}/study/cohort.csv"))
+    tile(TileConfig(workdir=wd))
+    feats = str(embed(EmbedConfig(workdir=wd, model="tiny-vit")).feature_dir)
+    cfg = MilConfig(workdir=wd, features=feats, epochs=3, batch_size=4, max_tiles_per_slide=None)
+    model_dir = fit_final(cfg, name="final")
+    return wd, feats, model_dir
+
+
+def test_saved_model_round_trips_with_its_metadata(trained):
+    from raypath.predict.api import score_slides
+    from raypath.predict.model import load_final_model, save_final_model
+
+    wd, feats, model_dir = trained
+    meta, module = load_final_model(model_dir)
+    assert meta.identity["model"] == "tiny-vit" and meta.identity["weights_sha256"] == "random:0"
+    assert meta.task == "survival" and len(meta.cutoffs) == 1 and len(meta.trained_patients) > 0
+    ids = sorted(p.stem for p in Path(feats).glob("*.parquet"))
+    a, att = score_slides(meta, module.state_dict(), feats, ids)
+    copy = save_final_model(str(Path(wd) / "models" / "copy"), meta, module.state_dict())
+    meta2, module2 = load_final_model(copy)
+    b, _ = score_slides(meta2, module2.state_dict(), feats, ids)
+    np.testing.assert_array_equal(a["risk"].to_numpy(), b["risk"].to_numpy())
+    sums = att.groupby("slide_id")["attention"].sum()  # attention is a distribution over each slide's tiles
+    np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-5)
+
+
+def test_predict_on_training_slides_flags_training_patients(trained):
+    from raypath.predict.api import PredictConfig, predict
+
+    wd, feats, model_dir = trained
+    res = predict(PredictConfig(model=model_dir, workdir=wd, heatmaps=0, n_boot=0))
+    assert res.predictions["trained_on"].all()  # every patient was in the training set
+    assert "survival" not in res.metrics and res.metrics["n_trained_on"] == len(res.predictions)
+
+
+def test_raw_slides_on_s3_to_predictions_in_one_command(trained, s3_server):
+    from raypath.cli import main
+
+    _, _, model_dir = trained
+    bucket = s3_server.create_bucket("predict-test")
+    _study(f"{bucket}/new", seed=7, slides=5)  # another seed: new patients
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url})
+    table = pd.read_csv(fs.open(f"{bucket}/new/cohort.csv", "rb"), dtype=str)
+    table["patient_id"] = "new_" + table["patient_id"]  # other hospital, other patients
+    broken = dict(table.iloc[0], slide_id="broken", uri="slides/missing.svs", patient_id="pbroken", pair_id="")
+    cohort = f"{bucket}/new/cohort_plus.csv"  # a slide that fails ingest is reported, the rest goes on
+    with fs.open(cohort, "wb") as f:
+        pd.concat([table, pd.DataFrame([broken])], ignore_index=True).to_csv(f, index=False)
+    wd = f"{bucket}/wd"
+    rc = main(["predict", "--model", model_dir, "--workdir", wd, "--cohort", cohort, "--heatmaps", "2",
+               "--gallery-tiles", "2", "--n-boot", "50"])
+    assert rc == 3  # finished, one slide failed
+    run = f"{wd}/runs/predict-final"
+    with fs.open(f"{run}/predictions.parquet", "rb") as f:
+        pred = pd.read_parquet(f)
+    metrics = json.loads(fs.cat(f"{run}/metrics.json"))
+    assert len(pred) == len(table) and not pred["trained_on"].any()
+    assert set(pred["risk_group"]) <= {"low", "high"}
+    assert [r["slide_id"] for r in metrics["failed"]] == ["broken"]
+    s = metrics["survival"]
+    assert 0 <= s["c_index"] <= 1 and s["ci_low"] <= s["c_index"] <= s["ci_high"] and s["n_comparable_pairs"] >= 10
+    assert len(metrics["heatmaps"]) == 2 and fs.exists(f"{run}/km.png") and fs.exists(f"{run}/report.html")
+    for files in metrics["heatmaps"].values():
+        assert all(fs.exists(f"{run}/{f}") for f in files)
+
+
+def test_cohort_without_outcomes_and_a_mismatched_store(trained, tmp_path):
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.predict.api import PredictConfig, predict
+    from raypath.wsi.ingest import IngestConfig, ingest
+    from raypath.wsi.tiling import TileConfig, tile
+
+    _, _, model_dir = trained
+    wd = str(tmp_path / "wd")
+    table = _study(str(tmp_path / "study"), seed=11, slides=2)
+    table.drop(columns=["time", "event", "label"]).to_csv(tmp_path / "study" / "plain.csv", index=False)
+    ingest(IngestConfig(workdir=wd, cohort=str(tmp_path / "study" / "plain.csv")))
+    tile(TileConfig(workdir=wd))
+    other = str(embed(EmbedConfig(workdir=wd, model="tiny-vit", weights="random:3")).feature_dir)
+    with pytest.raises(RaypathError, match="raypath embed --workdir .* --model tiny-vit --weights random:0"):
+        predict(PredictConfig(model=model_dir, workdir=wd, features=other))
+    with pytest.raises(RaypathError, match="no feature store .* matches"):
+        predict(PredictConfig(model=model_dir, workdir=wd))
+    embed(EmbedConfig(workdir=wd, model="tiny-vit"))
+    res = predict(PredictConfig(model=model_dir, workdir=wd, heatmaps=1, gallery_tiles=1))
+    assert res.metrics["note"].startswith("the cohort has no outcomes") and len(res.predictions) == len(table)
+    assert (Path(res.run_dir) / "heatmaps").is_dir()
+
+
+def test_heatmap_pixels_carry_injected_attention():
+    from raypath.predict.heatmap import attention_grid, colorize, overlay
+
+    coords = np.array([[0, 0], [100, 0], [200, 100], [0, 200]], dtype=float)
+    values = np.array([0.1, 0.4, 0.2, 0.3])
+    grid, origin = attention_grid(coords, 100.0, values)
+    assert grid.shape == (3, 3) and tuple(origin) == (0.0, 0.0)
+    assert grid[0, 1] == 0.4 and grid[1, 2] == 0.2 and grid[2, 0] == 0.3 and np.isnan(grid[1, 1])
+    thumb = np.zeros((30, 30, 3), np.uint8)
+    img = overlay(thumb, 0.1, coords, 100.0, values, alpha=1.0)  # 10 thumbnail px per tile
+    colours = colorize(values)
+    for (x, y), c in zip(coords, colours):
+        assert tuple(img[int(y * 0.1) + 5, int(x * 0.1) + 5]) == tuple(c)
+    assert tuple(img[15, 15]) == (0, 0, 0)  # no tile there: the thumbnail shows through
+
+
+def test_bad_model_folder_is_one_sentence(tmp_path):
+    from raypath.predict.model import load_final_model
+
+    with pytest.raises(RaypathError, match="not a saved raypath model .*raypath mil --final"):
+        load_final_model(str(tmp_path))
