@@ -37,7 +37,7 @@ from raypath.patch.nets import PatchNet, augment, build_e2e_net, build_fm_net, c
 log = logging.getLogger(__name__)
 
 #: Tuning methods whose checkpoints hold only the trainable tensors (the FM stays as loaded).
-ADAPTER_TUNINGS = ("lora", "dora", "prompt")
+ADAPTER_TUNINGS = ("lora", "dora", "prompt", "pathotune")
 
 
 @dataclass
@@ -90,6 +90,14 @@ def build_net(spec: TrainSpec) -> PatchNet:
     n_out = 1 if spec.binary else spec.n_classes
     if spec.tuning is None:
         return build_e2e_net(spec.method, spec.e2e_size, n_out, spec.seed)
+    if spec.tuning == "pathotune":  # raypath.fm.pathotune: TVP/TTP/IVP on the frozen FM (spec.extra["pathotune"])
+        from raypath.fm.backbone import load_backbone
+        from raypath.fm.pathotune import PathoTuneConfig, apply_pathotune
+
+        bb = load_backbone(spec.model, weights=spec.weights)
+        torch.manual_seed(spec.seed)
+        apply_pathotune(bb, PathoTuneConfig(**spec.extra.get("pathotune", {})))
+        return PatchNet(bb, bb.spec.embed_dim, n_out, bb.spec.img_size, bb.spec.mean, bb.spec.std)
     return build_fm_net(spec.model, spec.weights, spec.tuning, n_out, spec.seed, spec.rank, spec.alpha,
                         spec.dropout, spec.targets)
 
@@ -223,6 +231,26 @@ def _train_epoch(net, opt, images, spec: TrainSpec, by_class, np_rng, gen, ctx) 
     return ctx.all_reduce_mean(total / steps)
 
 
+def _optimizer(spec: TrainSpec, params: list) -> torch.optim.Optimizer:
+    """Adam (the paper's), or ``spec.extra["optimizer"]`` (PathoTune: RAdam)."""
+    name = spec.extra.get("optimizer", "adam")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr)
+    from raypath.fm.pathotune import make_optimizer
+
+    return make_optimizer(params, name, lr=spec.lr)
+
+
+def _save_prompts(net, spec: TrainSpec, ctx, out: dict) -> None:
+    """PathoTune fits write their trained prompts (``spec.extra["prompts_out"]``) and name the file's sha256."""
+    path = spec.extra.get("prompts_out")
+    if spec.tuning != "pathotune" or not path or ctx.rank != 0:
+        return
+    from raypath.fm.pathotune import save_pathotune
+
+    out["prompts"], out["prompt_sha256"] = path, save_pathotune(ctx.unwrap(net).encoder, path)
+
+
 def train_fit(config: dict) -> dict:
     """Train one fit (any training context) and return its predictions on every evaluation set."""
     from raypath.train import LocalContext, current_context, load_module_state, module_state
@@ -237,7 +265,7 @@ def train_fit(config: dict) -> dict:
     images = PatchImages(spec.cache_folder)
     torch.manual_seed(spec.seed + 1000 * ctx.rank)
     net = ctx.prepare(build_net(spec))
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=spec.lr)
+    opt = _optimizer(spec, [p for p in net.parameters() if p.requires_grad])
     np_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, ctx.rank, 4711]))
     gen = torch.Generator().manual_seed(spec.seed * 7919 + ctx.rank)
     state = ctx.restore()
@@ -262,9 +290,11 @@ def train_fit(config: dict) -> dict:
         load_module_state(net, best, trainable_only=spec.adapter_only)
     probs = predict_sets(net, images, spec, ctx)
     n_train = sum(p.numel() for p in ctx.unwrap(net).parameters() if p.requires_grad)
-    return {"probs": probs, "history": loop.history, "best_epoch": loop.best_epoch, "epochs": loop.epoch,
-            "trainable_params": int(n_train), "train_s": time.perf_counter() - t0,
-            "resumed_from": ctx.restored_from, "context": ctx.kind, "precision": ctx.precision.name}
+    out = {"probs": probs, "history": loop.history, "best_epoch": loop.best_epoch, "epochs": loop.epoch,
+           "trainable_params": int(n_train), "train_s": time.perf_counter() - t0,
+           "resumed_from": ctx.restored_from, "context": ctx.kind, "precision": ctx.precision.name}
+    _save_prompts(net, spec, ctx, out)
+    return out
 
 
 def run_finetune(spec: TrainSpec, train_workers: int = 0, storage: str | None = None, name: str = "fit") -> dict:

@@ -181,6 +181,32 @@ class FineTune:
         return FitResult(probs, out)
 
 
+@dataclass
+class PromptTune(FineTune):
+    """PathoTune (:mod:`raypath.fm.pathotune`) on the run's FM: one ablation (tvp, tvp+ttp, tvp+ttp+ivp),
+    RAdam at 10x ``--lr`` (prompts need larger steps than weights, as in VPT); the trained prompts are
+    written to ``<run>/prompts/<fit>.safetensors``."""
+
+    ablation: str = "tvp+ttp+ivp"
+    lr_scale: float = 10.0
+
+    def spec(self, job: FitJob):
+        import os
+
+        from raypath.fm.pathotune import PathoTuneConfig
+
+        s = super().spec(job)
+        opts = dict(getattr(job.cfg, "prompt_options", None) or {})
+        optimizer = opts.pop("optimizer", "radam")
+        cfg = PathoTuneConfig.ablation(self.ablation, **opts)
+        s.extra = {"pathotune": {**cfg.__dict__}, "optimizer": optimizer}
+        if job.checkpoint_dir and "://" not in job.checkpoint_dir:  # <run>/checkpoints/<fit>
+            run_dir = os.path.dirname(os.path.dirname(job.checkpoint_dir.rstrip("/")))
+            s.extra["prompts_out"] = os.path.join(run_dir, "prompts", f"{job.fit.key}.safetensors")
+        s.lr = job.cfg.lr * self.lr_scale
+        return s
+
+
 for _m in (
     LinearProbe(),
     KnnProbe(),
@@ -189,5 +215,11 @@ for _m in (
     FineTune("full", "full fine-tuning of the FM + linear head", "full"),
     FineTune("e2e-resnet", "ResNet trained end to end from scratch", None),
     FineTune("e2e-vit", "ViT trained end to end from scratch", None),
+    PromptTune("pathotune-tvp", "PathoTune TVP only: 10 deep visual prompts per block + head (RAdam)", "pathotune",
+               ablation="tvp"),
+    PromptTune("pathotune-tvp-ttp", "PathoTune TVP + TTP (projected frozen MiniLM text token) + head", "pathotune",
+               ablation="tvp+ttp"),
+    PromptTune("pathotune", "PathoTune TVP + TTP + IVP (2 instance prompts from a visual refine module) + head",
+               "pathotune", ablation="tvp+ttp+ivp"),
 ):
     register_method(_m)
