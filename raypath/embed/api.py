@@ -92,6 +92,9 @@ class EmbedConfig(StageConfig):
         "'random' = random init (tests/benchmarks)",
     )
     adapter: str | None = Field(None, description="peft adapter folder (adapters/<run>/) merged into the model")
+    prompts: str | None = Field(
+        None, description="prompt file (.safetensors of PathoTune or VPT prompt tuning, docs/pathotune.md) used by "
+        "every forward pass; its sha256 is part of the feature identity (own store)")
     batch_size: int = Field(
         64, ge=0, description="tiles per forward pass (0: chosen by a short probe on one model replica, "
         "see raypath.embed.fast)")
@@ -329,7 +332,8 @@ class TileEmbedder:
 
     def __init__(self, model: str, weights: str | None, adapter: str | None, batch_size: int,
                  device: str | None = None, amp: str = "auto", compile: bool = False,
-                 channels_last: bool = False, num_threads: int | None = None, dtype: str = "float16"):
+                 channels_last: bool = False, num_threads: int | None = None, dtype: str = "float16",
+                 prompts: str | None = None):
         import torch
 
         from raypath.fm.backbone import load_backbone
@@ -343,6 +347,10 @@ class TileEmbedder:
         self.batch_size = int(batch_size)
         self.dtype = np.float16 if dtype == "float16" else np.float32
         self.backbone = load_backbone(model, weights=weights, adapter=adapter, device=device)
+        if prompts:  # PathoTune (TVP + TTP + IVP) or plain VPT tokens: a tuned embedder
+            from raypath.fm.pathotune import load_prompt_file
+
+            load_prompt_file(self.backbone, prompts)
         self.backbone.channels_last = bool(channels_last)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -797,7 +805,7 @@ def _existing(feature_dir: str, s3: S3Options) -> set[str]:
 
 def _absolute_paths(cfg: EmbedConfig) -> EmbedConfig:
     """Actors and read tasks may run in another working directory: hand them absolute local paths."""
-    local = {k: os.path.abspath(v) for k in ("weights", "adapter", "workdir")
+    local = {k: os.path.abspath(v) for k in ("weights", "adapter", "prompts", "workdir")
              if (v := getattr(cfg, k)) and not is_remote(v) and os.path.exists(v)}
     return cfg.model_copy(update=local) if local else cfg
 
@@ -811,7 +819,8 @@ def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=N
              for t in plan.todo]
     from raypath.plugins import plugin_specs
 
-    actor_kw = dict(model=spec.key, weights=cfg.weights, adapter=cfg.adapter, batch_size=cfg.batch_size,
+    actor_kw = dict(model=spec.key, weights=cfg.weights, adapter=cfg.adapter, prompts=cfg.prompts,
+                    batch_size=cfg.batch_size,
                     device="cuda" if gpus > 0 else "cpu", amp=cfg.amp, compile=cfg.compile,
                     channels_last=cfg.channels_last, num_threads=None if gpus > 0 else int(cpus),
                     dtype=cfg.dtype, variant=variant, plugins=plugin_specs())
@@ -885,7 +894,7 @@ def _probe_batch(cfg: EmbedConfig) -> int:
         from raypath.fm.registry import get_spec
 
         def make(b: int) -> TileEmbedder:
-            return TileEmbedder(cfg.model, cfg.weights, cfg.adapter, b, amp=amp, dtype=cfg.dtype,
+            return TileEmbedder(cfg.model, cfg.weights, cfg.adapter, b, amp=amp, dtype=cfg.dtype, prompts=cfg.prompts,
                                 num_threads=None if gpus > 0 else int(cpus))
 
         return probe_batch_size(make, get_spec(cfg.model).img_size)[0]
@@ -906,7 +915,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     s3 = cfg.s3_options()
     cfg = _absolute_paths(cfg)
     check_weights(cfg.model, cfg.weights)  # on the driver, before Ray: never 200 lines of actor traceback
-    ident = model_identity(cfg.model, cfg.weights, cfg.adapter, decode=cfg.decode)
+    ident = model_identity(cfg.model, cfg.weights, cfg.adapter, prompts=cfg.prompts, decode=cfg.decode)
     from raypath.embed.identity import default_store_dir
 
     feature_dir = cfg.feature_dir or default_store_dir(cfg.workdir, ident.model_key, cfg.adapter, s3)
