@@ -144,3 +144,18 @@ def test_text_encoder_offline_and_checksum(tmp_path):
     (folder / "model.safetensors").write_bytes(b"not the weights")
     with pytest.raises(RaypathError, match="not the pinned"):
         verify_encoder(str(folder), sha256=MINILM_SHA256)
+
+
+def test_tuned_embedder_uses_the_prompt_file(tmp_path, text_emb):
+    """`raypath embed --prompts FILE`: the actor's TileEmbedder applies the file; the identity names it."""
+    from raypath.embed.api import TileEmbedder, model_identity
+
+    path = str(tmp_path / "pt.safetensors")
+    sha = save_pathotune(_tuned("tiny-vit", text_emb), path)
+    tiles = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    plain = TileEmbedder("tiny-vit", None, None, 4, device="cpu", amp="off", dtype="float32").embed(tiles)
+    tuned = TileEmbedder("tiny-vit", None, None, 4, device="cpu", amp="off", dtype="float32", prompts=path)
+    ref = load_prompt_file(load_backbone("tiny-vit"), path).embed(torch.from_numpy(tiles)).numpy()
+    assert np.allclose(tuned.embed(tiles), ref, atol=1e-5) and not np.allclose(plain, ref, atol=1e-3)
+    ident = model_identity("tiny-vit", None, None, prompts=path)
+    assert ident.prompt_sha256 == sha and ident.model_key != model_identity("tiny-vit", None, None).model_key

@@ -46,7 +46,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -146,12 +145,13 @@ class PathoTunePrefix(nn.Module):
     def forward(self, backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
         parts = []
         if self.proj is not None:
-            t = self.proj(self.text_embedding.to(x.device)).view(1, self.text_tokens, self.width)
+            e = self.text_embedding.to(x.device, self.proj.weight.dtype)
+            t = self.proj(e).view(1, self.text_tokens, self.width)
             parts.append(t.expand(x.shape[0], -1, -1))
         if self.refine is not None:
             with torch.no_grad():  # the frozen stem: its output is an input of the refine module
                 h = backbone.family.stem(backbone.model, x, backbone.any_size)
-            parts.append(self.refine(h[:, backbone.spec.num_prefix_tokens:].float()))
+            parts.append(self.refine(h[:, backbone.spec.num_prefix_tokens:].to(self.refine.inp.weight.dtype)))
         return torch.cat(parts, dim=1)
 
 
@@ -263,7 +263,8 @@ def load_pathotune(backbone: Backbone, path: str) -> Backbone:
                            "save_pathotune") from e
     tok = tensors.get(PROMPTS_TENSOR)
     width = backbone.family.width(backbone.model)
-    if (tok is not None and tok.shape[-1] != width) or meta.get("raypath_model", backbone.spec.key) != backbone.spec.key:
+    other = meta.get("raypath_model", backbone.spec.key) != backbone.spec.key
+    if other or (tok is not None and tok.shape[-1] != width):
         raise RaypathError(f"prompt file {path!r} was trained on model {meta.get('raypath_model')!r}, not "
                            f"{backbone.spec.key!r} (width {width}): use the prompts trained on this model")
     if tok is not None:
@@ -346,4 +347,5 @@ def shapes_report(cfg: PathoTuneConfig | None = None, n_classes: int = 2, text_d
 
 
 def fraction_text(r: dict) -> str:
-    return f"{r['trainable']:,} / {r['full_ft']:,} = {100 * r['fraction']:.2f} %" if not math.isnan(r["fraction"]) else ""
+    """``"trainable / full = x.xx %"`` of a :func:`trainable_report` row."""
+    return f"{r['trainable']:,} / {r['full_ft']:,} = {100 * r['fraction']:.2f} %"
