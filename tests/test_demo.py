@@ -114,7 +114,7 @@ def test_demo_log_is_clean(demo):
     bad = [ln for ln in log.splitlines() if BAD_LINE.search(ln)]
     assert not bad, "\n".join(bad[:10])
     for stage in ("synth", "ingest", "tile", "mil lodo"):
-        assert re.search(rf"{stage}: \d+/\d+ \w+ .* in \d", log), stage
+        assert re.search(rf"{stage}: \d+/\d+ \w+.* in \d", log), stage  # the closing line: count, time, rate
     assert "Progress bars disabled" not in log
     assert "[demo] report: open " in log
 

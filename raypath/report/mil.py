@@ -95,11 +95,12 @@ def headline_rows(doc: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def notes(rows: list[dict[str, Any]]) -> list[str]:
+def notes(rows: list[dict[str, Any]], protocol: str = "lodo") -> list[str]:
     """Why a cell is empty (too few comparable pairs, no events...), once per distinct reason."""
     out = []
+    first = "external" if protocol != "internal" else "cross-validated"
     for r in rows:
-        for col, stat in (("external", r["stat"]), ("internal", r.get("internal")),
+        for col, stat in ((first, r["stat"]), ("internal", r.get("internal")),
                           ("internal, within cohort", r.get("internal_strat"))):
             if isinstance(stat, dict) and stat.get("note") and not is_number(stat.get("mean")):
                 note = re.sub(r"^1 of 1 fold\(s\)/repeat\(s\): ", "", str(stat["note"]))
@@ -118,7 +119,7 @@ def verdict(doc: dict) -> str:
     label = metric_label(s.get("metric", "c_index"))
     repeats = len({r.get("repeat") for r in doc.get("folds") or []}) or 1
     rep = f"{repeats} repeat{'s' if repeats != 1 else ''}"
-    why = notes(headline_rows(doc))
+    why = notes(headline_rows(doc), doc["protocol"])
     if doc["protocol"] == "internal":
         cv = s.get("internal") or {}
         if not is_number(cv.get("mean")):
@@ -184,7 +185,7 @@ def context(folder: Folder, doc: dict, settings: dict[str, Any]) -> dict[str, An
         "protocol": protocol,
         "task": doc.get("task"),
         "rows": (rows := headline_rows(doc)),
-        "notes": notes(rows),
+        "notes": notes(rows, protocol),
         "has_strat": any(r.get("internal_strat") for r in rows),
         "has_pairs": any(r.get("pairs") is not None for r in rows),
         "secondary": secondary,
