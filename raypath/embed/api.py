@@ -243,11 +243,9 @@ def read_slide_batches(slide_id: str, uri: str, tiles: pd.DataFrame, batch_size:
                 }
     except Exception as e:  # a bad slide is recorded, never stops the run (an outage does: exit 4)
         px = int(tiles["tile_px"].iloc[0]) if len(tiles) else 224
-        try:
-            msg = _read_failure(e, uri, s3)
-        except StorageUnavailable as outage:  # handed to the driver as data: it stops the run
-            yield _error_row(slide_id, px, outage.as_record())
-            return
+        # an outage raises here: the task fails, Ray Data stops at once (an error row would wait for the
+        # actors to pass it on), and the driver stops the run with exit 4
+        msg = _read_failure(e, uri, s3)
         log.warning("embed: slide %s failed while reading: %s", slide_id, msg)
         yield _error_row(slide_id, px, msg)
 
@@ -280,8 +278,7 @@ def read_planned_slide(slide_id: str, uri: str, workdir: str, tiles_sha256: str,
         tiles = read_slide_tiles(workdir, slide_id, s3, columns=list(_TILE_COLS)).sort_values("tile_id")
     except Exception as e:
         if as_outage(e, s3) is not None:
-            yield _error_row(slide_id, tile_px, as_outage(e, s3).as_record())
-            return
+            raise as_outage(e, s3) from None
         yield _error_row(slide_id, tile_px, f"unreadable: reading its rows of tiles.parquet failed "
                          f"({type(e).__name__}: {e}); re-run `raypath tile`")
         return
@@ -658,6 +655,8 @@ class _Collector:
             if sid in self.failed or sid not in self.expected:
                 continue
             bad = [e for e in errs[m] if e]
+            if bad and StorageUnavailable.from_record(bad[0]) is not None:
+                raise StorageUnavailable.from_record(bad[0])  # the run stops; the slide is not blamed
             if bad:
                 self.failed[sid] = str(bad[0])
                 self.acc.pop(sid, None)
@@ -814,6 +813,8 @@ def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=N
     """Ray Data: one input row per planned slide -> read tasks (each loads its slide's tiles) -> actors."""
     import ray.data
 
+    from raypath.io.ray_env import task_options
+
     n_actors, gpus, cpus = derive_resources(cfg)
     items = [{"slide_id": t.slide_id, "uri": t.uri, "tiles_sha256": t.tiles_sha256, "tile_px": t.tile_px}
              for t in plan.todo]
@@ -832,7 +833,9 @@ def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=N
     # resources are fused, and reading must run in its own tasks, overlapping the forward
     # passes.  A retried read may re-send tiles; the driver de-duplicates by tile_id.
     ds = ds.map_batches(_read_fn, batch_size=1, batch_format="numpy", num_cpus=1, memory=READ_TASK_MEMORY_BYTES,
-                        fn_kwargs=dict(workdir=cfg.workdir, batch_size=cfg.batch_size, num_threads=cfg.read_threads))
+                        fn_kwargs=dict(workdir=cfg.workdir, batch_size=cfg.batch_size, num_threads=cfg.read_threads,
+                                       decode=cfg.decode),
+                        **task_options())  # this driver's S3 settings, also on a cluster started earlier
     return ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs=actor_kw,
@@ -841,6 +844,7 @@ def _build_dataset(cfg: EmbedConfig, plan: EmbedPlan, spec: ModelSpec, variant=N
         batch_format="numpy",
         num_gpus=gpus,
         num_cpus=cpus,
+        **task_options(),
     )
 
 
@@ -953,8 +957,6 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         first_output_s=first_output_s, steady_tiles_per_s=steady,
     )
     if cfg.variants:  # generated stain/scanner views -> <feature_dir>/variants/v<k>/
-        from raypath.embed.variants import embed_variants
-
         res = embed_variants(cfg, ident, feature_dir, s3, res)
         res.elapsed_s = time.perf_counter() - t_start
     return res
@@ -1024,3 +1026,40 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     h.set_defaults(func=run_h5)
+
+
+def embed_variants(cfg, ident, feature_dir: str, s3, res):
+    """Embed views 1..``cfg.variants`` into ``<feature_dir>/variants/v<k>/``;
+    their rows (``slide_id`` = ``<slide>@v<k>``) are appended to ``res.slides``."""
+    import dataclasses
+
+    import pandas as pd
+
+    from raypath.embed.variants import VariantSpec
+    from raypath.io.storage import join
+
+    if not 0.0 <= cfg.variant_strength <= 1.0:
+        raise RaypathError(f"--variant-strength {cfg.variant_strength} is outside [0, 1]: 0 = weak, 1 = max")
+    rows = [res.slides]
+    for k in range(1, cfg.variants + 1):
+        spec = VariantSpec(k, cfg.variant_strength, cfg.variant_seed)
+        vid = dataclasses.replace(ident, variant=spec.identity())
+        vdir = join(feature_dir, "variants", f"v{k}")
+        plan = plan_embed(cfg, vid, vdir, s3)
+        log.info("embed: view v%d (strength %.2f) -> %s; %d slides to embed", k, spec.strength, vdir, len(plan.todo))
+        col = _Collector(cfg, plan, vid, vdir, s3)
+        part = [dict(r) for r in plan.rows]
+        if plan.todo:
+            _run_pipeline(cfg, plan, vid.spec, col, variant=spec)
+            res.tiles_embedded += col.tiles_done
+            for task in plan.todo:
+                err = col.failed.get(task.slide_id)
+                part.append({"slide_id": task.slide_id, "status": "failed" if err else "done",
+                             "n_tiles": task.n_tiles, "error": err})
+        else:
+            col.flush()
+        for r in part:
+            r["slide_id"] = f"{r['slide_id']}@v{k}"
+        rows.append(pd.DataFrame(part, columns=list(res.slides.columns)))
+    res.slides = pd.concat(rows, ignore_index=True)
+    return res

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raypath.errors import RaypathError
 
 log = logging.getLogger(__name__)
 
@@ -152,40 +151,3 @@ def apply_variant(images: np.ndarray, slide_ids, spec: VariantSpec) -> np.ndarra
         m = sids == sid
         out[m] = apply_draw(images[m], draw(spec, str(sid)))
     return out
-
-
-def embed_variants(cfg, ident, feature_dir: str, s3, res):
-    """Embed views 1..``cfg.variants`` into ``<feature_dir>/variants/v<k>/``;
-    their rows (``slide_id`` = ``<slide>@v<k>``) are appended to ``res.slides``."""
-    import dataclasses
-
-    import pandas as pd
-
-    from raypath.embed.api import _Collector, _run_pipeline, plan_embed
-    from raypath.io.storage import join
-
-    if not 0.0 <= cfg.variant_strength <= 1.0:
-        raise RaypathError(f"--variant-strength {cfg.variant_strength} is outside [0, 1]: 0 = weak, 1 = max")
-    rows = [res.slides]
-    for k in range(1, cfg.variants + 1):
-        spec = VariantSpec(k, cfg.variant_strength, cfg.variant_seed)
-        vid = dataclasses.replace(ident, variant=spec.identity())
-        vdir = join(feature_dir, "variants", f"v{k}")
-        plan = plan_embed(cfg, vid, vdir, s3)
-        log.info("embed: view v%d (strength %.2f) -> %s; %d slides to embed", k, spec.strength, vdir, len(plan.todo))
-        col = _Collector(cfg, plan, vid, vdir, s3)
-        part = [dict(r) for r in plan.rows]
-        if plan.todo:
-            _run_pipeline(cfg, plan, vid.spec, col, variant=spec)
-            res.tiles_embedded += col.tiles_done
-            for task in plan.todo:
-                err = col.failed.get(task.slide_id)
-                part.append({"slide_id": task.slide_id, "status": "failed" if err else "done",
-                             "n_tiles": task.n_tiles, "error": err})
-        else:
-            col.flush()
-        for r in part:
-            r["slide_id"] = f"{r['slide_id']}@v{k}"
-        rows.append(pd.DataFrame(part, columns=list(res.slides.columns)))
-    res.slides = pd.concat(rows, ignore_index=True)
-    return res
