@@ -49,7 +49,8 @@ def _cohort_rows(slides, tiles) -> list[dict[str, Any]]:
         if "event" in g.columns:
             row["events"] = int(gok["event"].fillna(0).astype(int).sum())
         if "label" in g.columns:
-            row["labels"] = ", ".join(f"{k}: {v}" for k, v in gok["label"].astype(str).value_counts().sort_index().items())
+            lab = gok["label_name"] if "label_name" in g.columns else gok["label"]
+            row["labels"] = ", ".join(f"{k}: {v}" for k, v in lab.astype(str).value_counts().sort_index().items())
         if "scanner" in g.columns:
             row["scanners"] = ", ".join(sorted(gok["scanner"].dropna().astype(str).unique()))
         if tiles is not None:

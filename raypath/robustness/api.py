@@ -366,7 +366,9 @@ def draw_plots(
     sel = np.sort(order[rank < cfg.tsne_tiles_per_slide])
     if len(sel) > cfg.tsne_max_points:
         sel = np.sort(sel[M.cap_per_group(slides[sel], cfg.tsne_max_points, cfg.seed)])
-    colourings = {c: meta[c].astype("string").fillna("NA").to_numpy()[sel] for c in colourings_cols}
+    # a `<column>_name` column (e.g. label_name) gives the legend names instead of codes such as 0/1
+    colourings = {c: meta[f"{c}_name" if f"{c}_name" in meta.columns else c].astype("string").fillna("NA")
+                  .to_numpy()[sel] for c in colourings_cols}
     methods = ["tsne"] + (["umap"] if cfg.umap and P.umap_available() else [])
     for method in methods:
         try:
