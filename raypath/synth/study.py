@@ -362,6 +362,7 @@ def _slide_rows(cfg: SynthConfig, rows: list[dict[str, Any]], pheno_of: dict, si
                 "label": ph["grade"],
                 "scanner": site["scanner"],
                 "pair_id": None,
+                "label_name": "high_grade" if ph["grade"] else "low_grade",  # shown in plot legends and reports
                 "true_risk": round(ph["risk"], 5),
                 "true_phenotype": "high_grade" if ph["grade"] else "low_grade",
                 "true_density_per_10k_um2": round(ph["density_per_10k_um2"], 3),
