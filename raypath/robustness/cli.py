@@ -6,18 +6,12 @@ import argparse
 import json
 
 from raypath.config import add_config_arguments, config_from_args
-from raypath.errors import RaypathError
 
 
 def _config(args: argparse.Namespace):
-    from pydantic import ValidationError
-
     from raypath.robustness.api import RobustnessConfig
 
-    try:
-        return config_from_args(RobustnessConfig, args)
-    except ValidationError as e:
-        raise RaypathError(f"invalid robustness options: {e}") from None
+    return config_from_args(RobustnessConfig, args)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from raypath.config import StageConfig
 from raypath.errors import RaypathError
@@ -579,11 +579,9 @@ def run_cli(args: argparse.Namespace) -> int:
     for name in MitosisConfig.model_fields:
         if name not in _SHARED.values() and getattr(args, name, None) is not None:
             data[name] = getattr(args, name)
-    try:
-        cfg = MitosisConfig.model_validate(data)
-    except ValidationError as e:
-        msgs = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
-        raise RaypathError(f"invalid synth --kind mitosis options: {msgs}") from None
+    from raypath.config import validate_config
+
+    cfg = validate_config(MitosisConfig, data)
     cells = synthesize_mitosis(cfg)
     print(f"synth: wrote {cfg.out}")
     print(summary(cells))

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
 from raypath.errors import RaypathError
@@ -613,11 +613,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         from raypath.synth.mitosis import run_cli
 
         return run_cli(args)
-    try:
-        cfg = config_from_args(SynthConfig, args)
-    except ValidationError as e:
-        msgs = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
-        raise RaypathError(f"invalid synth options: {msgs}") from None
+    cfg = config_from_args(SynthConfig, args)
     table = synthesize(cfg)
     print(f"synth: wrote {cfg.out}")
     print(summary(table))

@@ -18,13 +18,13 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from raypath.wsi.cohort import mpp_conflicts, read_cohort
 from raypath.config import StageConfig, add_config_arguments, config_from_args
-from raypath.errors import EXIT_OK, EXIT_SOME_FAILED, RaypathError, failure_counts
+from raypath.errors import EXIT_OK, EXIT_SOME_FAILED, failure_counts
 from raypath.schemas import SLIDE_STATUS_FAILED, SLIDE_STATUS_OK, SLIDES_META
-from raypath.wsi.slide_io import DEFAULT_MAX_DAMAGED_FRACTION, NO_MPP, SlideError, classify_exception, read_metadata
+from raypath.wsi.slide_io import DEFAULT_MAX_DAMAGED_FRACTION, NO_MPP, classify_exception, read_metadata
 from raypath.io.storage import (S3CacheType, S3Options, activity, as_outage, check_storage, join, makedirs,
                                 write_parquet_atomic)
 
@@ -128,11 +128,11 @@ def _row_payload(row: pd.Series) -> dict[str, Any]:
 
 
 def _inspect_all_ray(rows: list[dict[str, Any]], cfg: IngestConfig, progress=None) -> list[dict[str, Any]]:
-    from raypath.io.ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray, task_options
 
     ray = ensure_ray()
     # num_cpus=1: opening a slide decodes JPEG tiles (CPU) between S3 round trips
-    task = ray.remote(num_cpus=1, max_retries=2)(inspect_slide)
+    task = ray.remote(num_cpus=1, max_retries=2, **task_options())(inspect_slide)
     cfg_ref = ray.put(cfg)
     results: list[dict[str, Any] | None] = [None] * len(rows)
     pending: dict[Any, int] = {}
@@ -249,10 +249,7 @@ def add_cli(subparsers) -> None:
     add_config_arguments(p, IngestConfig)
 
     def run(args) -> int:
-        try:
-            cfg = config_from_args(IngestConfig, args)
-        except ValidationError as e:
-            raise RaypathError(f"invalid ingest options: {e}") from None
+        cfg = config_from_args(IngestConfig, args)
         df = ingest(cfg)
         print(summarize(df))
         print(f"wrote {join(cfg.workdir, SLIDES_FILE)}")

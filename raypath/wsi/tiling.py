@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from raypath.config import StageConfig, add_config_arguments, config_from_args
 from raypath.io.jsonio import to_jsonable
-from raypath.errors import EXIT_SOME_FAILED, RaypathError, failure_counts
+from raypath.errors import EXIT_SOME_FAILED, RaypathError, StorageUnavailable, failure_counts
 from raypath.schemas import SLIDE_STATUS_OK, TILES, TILING_SUMMARY
 from raypath.io.storage import S3Options, atomic_write_bytes, exists, join, makedirs, read_parquet, write_parquet_atomic
 from raypath.io.storage import S3CacheType, activity, as_outage, check_storage
@@ -390,11 +390,15 @@ def _tile_and_write(row: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
 def _tile_row(item: dict[str, Any], cfg: TileConfig) -> dict[str, Any]:
     """Ray Data map: one slide in, its summary out (the tiles are written by the task)."""
     row = json.loads(item["row_json"])
-    return {"slide_id": row["slide_id"], "summary_json": json.dumps(_tile_and_write(row, cfg))}
+    try:
+        summary = _tile_and_write(row, cfg)
+    except StorageUnavailable as e:  # handed to the driver as data: it stops the run, no task traceback
+        summary = {"slide_id": row["slide_id"], "status": "storage_unavailable", "warning": e.as_record()}
+    return {"slide_id": row["slide_id"], "summary_json": json.dumps(summary)}
 
 
 def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig, progress=None) -> list[dict[str, Any]]:
-    from raypath.io.ray_env import ensure_ray
+    from raypath.io.ray_env import ensure_ray, task_options
 
     ensure_ray()
     import ray
@@ -402,9 +406,12 @@ def _run_ray(rows: list[dict[str, Any]], cfg: TileConfig, progress=None) -> list
     items = [{"row_json": json.dumps(to_jsonable(r))} for r in rows]
     # one block per slide -> one task per slide; slides are opened inside the task
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(_tile_row, fn_kwargs={"cfg": cfg}, num_cpus=1)
+    ds = ds.map(_tile_row, fn_kwargs={"cfg": cfg}, num_cpus=1, **task_options())
     outs = []
     for out in ds.iter_rows():  # one small summary per slide, never tile rows
+        outage = StorageUnavailable.from_record(json.loads(out["summary_json"]).get("warning"))
+        if outage is not None:
+            raise outage
         outs.append(out)
         if progress is not None:
             progress.update()
@@ -416,7 +423,9 @@ def _run_isolated(rows: list[dict[str, Any]], cfg: TileConfig, progress=None) ->
     worker (a crashing codec) becomes a ``failed`` row instead of failing the run."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=1)(_tile_row)
+    from raypath.io.ray_env import task_options
+
+    task = ray.remote(num_cpus=1, max_retries=1, **task_options())(_tile_row)
     refs = [task.remote({"row_json": json.dumps(to_jsonable(r))}, cfg) for r in rows]
     outs = []
     for r, ref in zip(rows, refs):
@@ -507,7 +516,7 @@ def tile(cfg: TileConfig) -> pd.DataFrame:
     for sid, err in zip(slides["slide_id"].astype(str), slides.get("error", [None] * len(slides))):
         summaries.append(results.get(sid) or dict(  # cohort order, not completion order
             slide_id=sid, n_tiles=0, level=None, read_px=None, status=STATUS_FAILED,
-            warning=f"not tiled: ingest failed ({err})", qc_png=None))
+            warning=f"{err or 'unknown: ingest failed'} [not tiled: ingest failed]", qc_png=None))
     finish_dataset(cfg.workdir, [s["slide_id"] for s in summaries if s["n_tiles"] > 0], s3)
     summary_tbl = pa.Table.from_pylist(summaries, schema=TILING_SUMMARY)
     write_parquet_atomic(summary_tbl, join(cfg.workdir, SUMMARY_FILE), s3)
@@ -553,10 +562,7 @@ def add_cli(subparsers) -> None:
     add_config_arguments(p, TileConfig)
 
     def run(args) -> int:
-        try:
-            cfg = config_from_args(TileConfig, args)
-        except ValidationError as e:
-            raise RaypathError(f"invalid tile options: {e}") from None
+        cfg = config_from_args(TileConfig, args)
         tile(cfg)
         summary = read_summary(cfg.workdir, cfg.s3_options())
         print(summarize(summary))
