@@ -60,6 +60,20 @@ class StorageUnavailable(RaypathError):
         """The same outage, with what the stopped run had finished."""
         return StorageUnavailable(self.endpoint, self.detail, done)
 
+    #: prefix of :meth:`as_record` (a task hands the outage to the driver as data, without a traceback)
+    RECORD_PREFIX = "storage_unavailable: "
+
+    def as_record(self) -> str:
+        return f"{self.RECORD_PREFIX}{self.endpoint} | {self.detail}"
+
+    @classmethod
+    def from_record(cls, text: str | None) -> "StorageUnavailable | None":
+        """The outage a task recorded with :meth:`as_record` (``None`` for any other text)."""
+        if not text or not str(text).startswith(cls.RECORD_PREFIX):
+            return None
+        endpoint, _, detail = str(text)[len(cls.RECORD_PREFIX):].partition(" | ")
+        return cls(endpoint, detail)
+
 
 def cause_of(error: str | None) -> str:
     """The failure kind of a recorded error (``"truncated: ..."`` -> ``"truncated"``)."""

@@ -70,6 +70,15 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k) and not _is_secret_key(k)}
 
 
+def task_options() -> dict[str, Any]:
+    """Ray options that give a stage's tasks and actors this driver's current non-secret
+    settings (S3 endpoint, region, raypath's S3 timeouts and retry budget), also on a
+    cluster that was started before they were set: ``ray.remote(**task_options())``,
+    ``ds.map(..., **task_options())``.  Ray merges these env_vars over the job's."""
+    env_vars = forwarded_env()
+    return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+
+
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int | None = None, **kw: Any):
     """Connect to the cluster in ``RAY_ADDRESS`` or start a local one.
 

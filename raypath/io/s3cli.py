@@ -11,7 +11,7 @@ import argparse
 import time
 
 
-def serve(local_dir: str, bucket: str = "raypath", port: int = 9000) -> None:
+def serve(local_dir: str, bucket: str = "raypath", port: int = 9000, log_requests: bool = False) -> None:
     """Upload ``local_dir`` into an embedded S3 endpoint and serve it until Ctrl-C.
 
     Raises
@@ -37,12 +37,20 @@ def serve(local_dir: str, bucket: str = "raypath", port: int = 9000) -> None:
         raise RaypathError(f"--port {port} cannot be used ({e}): pick another port") from None
     try:
         uri = server.upload_dir(local_dir, bucket)
+        if log_requests:  # one line per request on stdout ("GET /bucket/key HTTP/1.1" 206)
+            import logging
+            import sys
+
+            wz = logging.getLogger("werkzeug")
+            wz.setLevel(logging.INFO)
+            wz.addHandler(logging.StreamHandler(sys.stdout))
+            wz.propagate = False
         print(f"serving {local_dir} as {uri} at {server.endpoint_url}")
         print("in another shell:")
         for k, v in server.environment().items():
             # dummy credentials of the embedded server, not secrets
             print(f"  export {k}={v}")
-        print("stop with Ctrl-C (the endpoint is in memory: changes are not written back)")
+        print("stop with Ctrl-C (the endpoint is in memory: changes are not written back)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -58,5 +66,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("dir", help="local folder to publish")
     ps.add_argument("--bucket", default="raypath", metavar="NAME", help="bucket name it serves [default: raypath]")
     ps.add_argument("--port", type=int, default=9000, metavar="N", help="TCP port on 127.0.0.1 [default: 9000]")
-    ps.set_defaults(func=lambda a: serve(a.dir, a.bucket, a.port))
+    ps.add_argument("--log-requests", action="store_true", help="print one line per request on stdout")
+    ps.set_defaults(func=lambda a: serve(a.dir, a.bucket, a.port, a.log_requests))
     p.set_defaults(func=lambda a: p.print_help() or 2)

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds without any answer after which a waiting request is reported in the log.
 STALL_LOG_S = 30.0
-#: After giving up, requests fail at once for this long (then one real attempt is allowed again).
+#: After giving up, requests fail at once for this long, at most the retry budget (then one
+#: real attempt is allowed again: a process that outlives an outage recovers by itself).
 COOLDOWN_S = 10.0
 #: botocore attempts per request; the time budget, not this number, is what ends retries.
 MAX_ATTEMPTS = 100
@@ -96,11 +97,11 @@ class EndpointHealth:
             self.last_error = error
             return now - self.first_failure
 
-    def trip(self, now: float) -> bool:
+    def trip(self, now: float, cooldown_s: float = COOLDOWN_S) -> bool:
         """Stop retrying for a cool-down; ``True`` when this call tripped it."""
         with self._lock:
             fresh = self.tripped_until <= now
-            self.tripped_until = now + COOLDOWN_S
+            self.tripped_until = now + cooldown_s
             return fresh
 
     def tripped(self) -> bool:
@@ -199,7 +200,7 @@ class _Hooks:
         cycle = now - prev if prev is not None else 0.0
         # the next attempt would likely end after the budget: do not start it
         if h.tripped() or age + cycle > self.retry_total_s:
-            if h.trip(now):
+            if h.trip(now, min(COOLDOWN_S, self.retry_total_s)):
                 log.warning("storage endpoint %s: no answer for %.0f s (%s); giving up", self.endpoint, age, h.last_error)
             return False
         return None

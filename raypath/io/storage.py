@@ -362,7 +362,10 @@ def as_outage(exc: BaseException, s3: S3Options | None = None):
     if cause is None:
         return None
     if isinstance(cause, StorageUnavailable):
-        return cause
+        inner = getattr(cause, "cause", None)  # Ray's RayTaskError(StorageUnavailable) wraps the original
+        cause = inner if isinstance(inner, StorageUnavailable) else cause
+        if hasattr(cause, "endpoint"):
+            return StorageUnavailable(cause.endpoint, cause.detail, cause.done)  # without Ray's traceback text
     kw = getattr(cause, "kwargs", None) or {}
     endpoint = (s3.endpoint if s3 else None) or _base_url(kw.get("endpoint_url")) or S3Options.from_env().endpoint
     if "seconds" in kw:  # raypath's own give-up: say what the endpoint did
