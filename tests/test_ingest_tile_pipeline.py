@@ -111,8 +111,12 @@ def test_cli_verbs_in_process(study, tmp_path, capsys):
     sub = cohort[cohort["slide_id"].isin(["cmu", "text"])]
     sub.to_csv(root / "small.csv", index=False)
     wd = str(tmp_path / "cli")
-    assert cli.main(["ingest", "--cohort", str(root / "small.csv"), "--workdir", wd, "--no-use-ray"]) == 0
-    assert cli.main(["tile", "--workdir", wd, "--no-use-ray", "--tile-px", "256", "--overlap-px", "64", "--target-mpp", "1.0"]) == 0
+    from raypath.errors import EXIT_SOME_FAILED
+
+    # "text" is not a slide: both verbs finish the cohort and exit 3 (some slides failed)
+    assert cli.main(["ingest", "--cohort", str(root / "small.csv"), "--workdir", wd, "--no-use-ray"]) == EXIT_SOME_FAILED
+    assert cli.main(["tile", "--workdir", wd, "--no-use-ray", "--tile-px", "256", "--overlap-px", "64",
+                     "--target-mpp", "1.0"]) == EXIT_SOME_FAILED
     out = capsys.readouterr().out
     assert "FAILED text" in out
     tiles = pd.read_parquet(f"{wd}/tiles.parquet")
