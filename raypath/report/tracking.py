@@ -350,18 +350,44 @@ def track_patch(cfg, run_dir: str, doc: dict) -> None:
                                             "results.md", "scaling.png", "domain_matrix.png"])
 
 
+_LOGGER_CLASS: list = []
+
+
+def _buffered_logger_class():
+    """Tune's ``MLflowLoggerCallback`` that writes a trial's per-fold metrics once, when the
+    trial ends, instead of one store transaction per reported result (Tune's control
+    loop waits for callbacks)."""
+    if _LOGGER_CLASS:
+        return _LOGGER_CLASS[0]
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class BufferedMLflowLogger(MLflowLoggerCallback):
+        def setup(self, *args, **kwargs):
+            super().setup(*args, **kwargs)
+            self._pending: dict = {}
+
+        def log_trial_result(self, iteration: int, trial, result: dict):
+            self._pending.setdefault(trial, []).append((iteration, dict(result)))
+
+        def log_trial_end(self, trial, failed: bool = False):
+            for iteration, result in self._pending.pop(trial, []):
+                super().log_trial_result(iteration, trial, result)
+            super().log_trial_end(trial, failed)
+
+    _LOGGER_CLASS.append(BufferedMLflowLogger)  # built once, on first use (it needs Ray)
+    return BufferedMLflowLogger
+
+
 def tune_callbacks(workdir: str, sweep_name: str) -> list:
-    """Ray Tune's own ``MLflowLoggerCallback`` (driver side): one MLflow run per trial, metrics per fold."""
+    """Ray Tune's MLflow integration (driver side): one MLflow run per trial, metrics per fold."""
     try:
         found = ensure_experiment(workdir)
         if found is None:
             return []
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
         uri, _ = found
-        return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment_name(workdir),
-                                     tags={"raypath.stage": "sweep-trial", "raypath.sweep": sweep_name},
-                                     save_artifact=False)]
+        return [_buffered_logger_class()(tracking_uri=uri, experiment_name=experiment_name(workdir),
+                                         tags={"raypath.stage": "sweep-trial", "raypath.sweep": sweep_name},
+                                         save_artifact=False)]
     except Exception as e:  # noqa: BLE001
         _warn_once(f"tune:{workdir}", "no MLflow logging of sweep trials: %s: %s", type(e).__name__, e)
         return []
