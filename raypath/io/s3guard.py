@@ -132,7 +132,7 @@ def health(endpoint: str | None) -> EndpointHealth:
 
 def _stall_watch() -> None:
     while True:
-        time.sleep(5.0)
+        time.sleep(min(5.0, STALL_LOG_S / 2))
         now = time.monotonic()
         for h in list(_HEALTH.values()):
             waited = h.stalled_for()
