@@ -234,6 +234,10 @@ def test_cohen_kappa_matches_sklearn_and_consistency_metrics():
     m = survival_consistency([0.1, 0.9, -1.0, 2.0], [0.3, -0.1, -2.0, 2.5], threshold=0.0, scale=2.0)
     assert m["n_pairs"] == 4 and m["abs_risk_diff"] == pytest.approx((0.2 + 1.0 + 1.0 + 0.5) / 4)
     assert m["rel_risk_diff"] == pytest.approx(m["abs_risk_diff"] / 2.0)
+    assert math.isnan(m["quantile_diff"])  # no training risks given
+    q = survival_consistency([0.0, 2.5], [1.5, 2.6], threshold=1.0, reference=[0.0, 1.0, 2.0, 3.0])
+    # quantiles among (0, 1, 2, 3), mid-rank: 0 -> 1/8, 1.5 -> 2/4, 2.5 -> 3/4, 2.6 -> 3/4
+    assert q["quantile_diff"] == pytest.approx(((0.5 - 0.125) + 0.0) / 2)
     assert m["flip_rate"] == pytest.approx(0.25)
     c = classification_consistency([[0.8, 0.2], [0.4, 0.6]], [[0.6, 0.4], [0.7, 0.3]])
     assert c["prob_diff"] == pytest.approx((0.2 + 0.3) / 2) and c["disagreement"] == 0.5
@@ -360,7 +364,7 @@ def test_sweep_objectives_include_inconsistency():
     from raypath.sweep.space import OBJECTIVE_METRICS
 
     assert OBJECTIVE_METRICS["mean_inconsistency"] == "min" and OBJECTIVE_METRICS["mean_flip_rate"] == "min"
-    out = SimpleNamespace(summary={"consistency": {"per_cohort": {"A": {"rel_risk_diff": 0.4, "flip_rate": 0.2,
+    out = SimpleNamespace(summary={"consistency": {"per_cohort": {"A": {"quantile_diff": 0.4, "flip_rate": 0.2,
                                                                        "n_pairs": 7.0}}}})
     assert fold_consistency_score(out, "A") == {"mean_inconsistency": 0.4, "mean_flip_rate": 0.2, "n_pairs": 7.0}
     assert fold_consistency_score(SimpleNamespace(summary={}), "A") == {}

@@ -4,6 +4,11 @@ Two scans / stains (or two generated stain-scanner views) of one tissue
 should get the same prediction.  For every pair of scored views of a tissue:
 
 survival
+    ``quantile_diff`` (the headline "inconsistency"): mean ``|q_a - q_b|``
+    where ``q`` is a risk's quantile among the model's training-slide risks
+    (0..1, mid-rank for ties): scale-free, so a Cox model cannot look
+    consistent by shrinking all its risks, and 0.5 means a tissue moves from
+    the middle to an end of the risk distribution;
     ``abs_risk_diff``: mean ``|r_a - r_b|`` (in the model's risk units);
     ``rel_risk_diff``: the same divided by the sd of the model's risk over
     its training slides (scale-free: a Cox model cannot look consistent by
@@ -29,7 +34,7 @@ import math
 import numpy as np
 import pandas as pd
 
-SURVIVAL_METRICS = ("rel_risk_diff", "abs_risk_diff", "flip_rate", "group_kappa", "n_pairs")
+SURVIVAL_METRICS = ("quantile_diff", "rel_risk_diff", "abs_risk_diff", "flip_rate", "group_kappa", "n_pairs")
 CLASSIFICATION_METRICS = ("prob_diff", "disagreement", "kappa", "n_pairs")
 
 
@@ -49,19 +54,35 @@ def cohen_kappa(a, b) -> float:
     return (p_o - p_e) / (1.0 - p_e)
 
 
-def survival_consistency(r_a, r_b, threshold: float, scale: float | None = None) -> dict[str, float]:
-    """Consistency of two views' risks (see the module docstring)."""
+def risk_quantile(r, reference) -> np.ndarray:
+    """Mid-rank quantile (0..1) of each risk among the ``reference`` risks."""
+    ref = np.sort(np.asarray(reference, dtype=float).reshape(-1))
+    r = np.asarray(r, dtype=float)
+    if len(ref) == 0:
+        return np.full(r.shape, math.nan)
+    lo = np.searchsorted(ref, r, side="left")
+    hi = np.searchsorted(ref, r, side="right")
+    return (lo + hi) / (2.0 * len(ref))
+
+
+def survival_consistency(r_a, r_b, threshold: float, scale: float | None = None,
+                         reference=None) -> dict[str, float]:
+    """Consistency of two views' risks (see the module docstring); ``reference``:
+    the training risks that define ``quantile_diff``."""
     r_a = np.asarray(r_a, dtype=float)
     r_b = np.asarray(r_b, dtype=float)
     n = len(r_a)
     if n == 0:
-        return {"n_pairs": 0, "abs_risk_diff": math.nan, "rel_risk_diff": math.nan,
+        return {"n_pairs": 0, "quantile_diff": math.nan, "abs_risk_diff": math.nan, "rel_risk_diff": math.nan,
                 "flip_rate": math.nan, "group_kappa": math.nan}
     diff = float(np.mean(np.abs(r_a - r_b)))
     g_a, g_b = r_a > threshold, r_b > threshold
     rel = diff / scale if scale is not None and np.isfinite(scale) and scale > 0 else math.nan
+    q = (float(np.mean(np.abs(risk_quantile(r_a, reference) - risk_quantile(r_b, reference))))
+         if reference is not None and len(np.asarray(reference).reshape(-1)) else math.nan)
     return {
         "n_pairs": n,
+        "quantile_diff": q,
         "abs_risk_diff": diff,
         "rel_risk_diff": rel,
         "flip_rate": float(np.mean(g_a != g_b)),
@@ -126,11 +147,11 @@ def select_pairs(pairs: pd.DataFrame, set_name: str, cohort: str) -> pd.DataFram
 
 
 def group_consistency(pairs: pd.DataFrame, task: str, threshold: float | None = None,
-                      scale: float | None = None) -> dict[str, float]:
+                      scale: float | None = None, reference=None) -> dict[str, float]:
     """The metrics of the module docstring over ``pairs`` (from :func:`view_pairs`)."""
     if task == "survival":
         return survival_consistency(pairs.get("risk_a", []), pairs.get("risk_b", []),
-                                    threshold if threshold is not None else 0.0, scale)
+                                    threshold if threshold is not None else 0.0, scale, reference)
     prob = sorted(c[: -len("_a")] for c in pairs.columns if c.startswith("prob_") and c.endswith("_a"))
     if not prob or len(pairs) == 0:
         return classification_consistency(np.zeros((0, 2)), np.zeros((0, 2)))
@@ -179,13 +200,13 @@ def split_views(preds: pd.DataFrame, tissue, task: str, view_scores: np.ndarray 
     return views.sort_values(["tissue", "view"], kind="stable").drop(columns="view").reset_index(drop=True)
 
 
-def add_consistency(fold_rows: list[dict], pairs: pd.DataFrame, task: str,
-                    threshold: float | None = None, scale: float | None = None) -> list[dict]:
+def add_consistency(fold_rows: list[dict], pairs: pd.DataFrame, task: str, threshold: float | None = None,
+                    scale: float | None = None, reference=None) -> list[dict]:
     """Add the consistency metrics of each fold row's group (``set``, ``cohort``)
     to the rows (in place) and return them."""
     for row in fold_rows:
         sub = select_pairs(pairs, row["set"], str(row["cohort"]))
-        row.update(group_consistency(sub, task, threshold, scale))
+        row.update(group_consistency(sub, task, threshold, scale, reference))
     return fold_rows
 
 
@@ -194,7 +215,7 @@ def fold_consistency(fold_rows: list[dict], preds: pd.DataFrame, tissue, task: s
 
     ``preds`` are the split's prediction rows (internal, external and twin
     slides), ``tissue`` their tissue ids, ``result`` the training result
-    (``train_median``, ``train_sd`` for survival; ``view_scores`` for
+    (``train_median``, ``train_sd``, ``train_risks`` for survival; ``view_scores`` for
     generated views).  The external row of a lodo fold also gets
     ``n_twins``: the held-out tissues' twins scored from training cohorts.
     """
@@ -202,7 +223,9 @@ def fold_consistency(fold_rows: list[dict], preds: pd.DataFrame, tissue, task: s
     views = split_views(preds, tissue, task, None if vs is None else np.asarray(vs))
     pairs = view_pairs(views)
     threshold = result.get("train_median")
-    add_consistency(fold_rows, pairs, task, threshold, result.get("train_sd"))
+    ref = result.get("train_risks")
+    add_consistency(fold_rows, pairs, task, threshold, result.get("train_sd"),
+                    None if ref is None else np.asarray(ref))
     n_twins = int((preds["split"] == "twin").sum())
     for row in fold_rows:
         if row["set"] == "external":

@@ -65,10 +65,12 @@ METRICS: dict[str, Meaning] = {
     "mean_internal": Meaning("mean internal", "inner selection set (training cohorts), mean over folds", "higher"),
     "site_probe_bacc": Meaning("site probe", "site-probe balanced accuracy on training cohorts' tiles", "lower"),
     "mean_inconsistency": Meaning("mean inconsistency", "mean over folds of the held-out tissues' prediction "
-                                  "difference between technical variants (rel_risk_diff / prob_diff)", "lower"),
+                                  "difference between technical variants (quantile_diff / prob_diff)", "lower"),
     "mean_flip_rate": Meaning("mean flip rate", "mean over folds of the share of held-out variant pairs whose "
                               "risk group / predicted class differs", "lower"),
     # prediction consistency between technical variants of one tissue (raypath.evaluation.consistency)
+    "quantile_diff": Meaning("inconsistency (risk quantile difference)", "mean |q_a - q_b| over variant "
+                             "pairs, q = a risk's quantile among the model's training risks (0..1)", "lower"),
     "rel_risk_diff": Meaning("relative risk difference", "mean |risk_a - risk_b| over variant pairs, in sd of "
                              "the model's training risks", "lower"),
     "abs_risk_diff": Meaning("absolute risk difference", "mean |risk_a - risk_b| over variant pairs "

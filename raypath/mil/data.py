@@ -145,6 +145,8 @@ def load_bag_arrays(source, slide_ids, dtype=np.float16, max_bytes: int | None =
 
     if isinstance(source, str):
         source = FeatureStore(source)
+    if getattr(source, "lazy", False):  # generated views (ViewBags): already read on use
+        return source
     if not isinstance(source, Mapping):
         ids = [str(s) for s in slide_ids]
         missing = sorted(set(ids) - set(source.slide_ids()))
@@ -458,13 +460,41 @@ def variant_dirs(feature_dir: str) -> list[str]:
     return [join(base, f"v{j}") for j in range(1, k + 1)]
 
 
-def load_generated_views(source, slide_ids, dtype=np.float16) -> tuple[dict[str, np.ndarray], int]:
+class ViewBags(Mapping):
+    """Bags of the original features and the generated views, keyed ``<slide_id>`` and
+    ``<slide_id>@v<k>``; each view is a lazy :class:`StoreBags` (read when used, bounded cache)."""
+
+    lazy = True
+
+    def __init__(self, views: list[Mapping], slide_ids: list[str]):
+        self.views, self.slide_ids = views, list(slide_ids)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        sid, sep, k = str(key).rpartition(VARIANT_SEP)
+        if sep and k.isdigit() and 0 < int(k) < len(self.views):
+            return self.views[int(k)][sid]
+        return self.views[0][key]
+
+    def __contains__(self, key) -> bool:
+        sid, sep, k = str(key).rpartition(VARIANT_SEP)
+        if sep and k.isdigit() and 0 < int(k) < len(self.views):
+            return sid in self.views[int(k)]
+        return key in self.views[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(bag_keys(self.slide_ids, len(self.views) - 1))
+
+    def __len__(self) -> int:
+        return len(self.slide_ids) * len(self.views)
+
+
+def load_generated_views(source, slide_ids, dtype=np.float16) -> tuple[Mapping[str, np.ndarray], int]:
     """Original and generated feature views of ``slide_ids`` as one mapping
     (keys ``<slide_id>`` and ``<slide_id>@v<k>``) and the number of views K.
 
     ``source`` is a feature store / folder (views under ``variants/v<k>/``,
-    written by ``raypath embed --variants K``) or a mapping that already
-    holds the ``@v<k>`` keys.
+    written by ``raypath embed --variants K``; read lazily) or a mapping that
+    already holds the ``@v<k>`` keys.
     """
     from raypath.embed.store import FeatureStore
 
@@ -477,19 +507,17 @@ def load_generated_views(source, slide_ids, dtype=np.float16) -> tuple[dict[str,
         return load_bag_arrays(source, keys, dtype), k
     path = source.path if isinstance(source, FeatureStore) else str(source)
     dirs = variant_dirs(path)
-    out = load_bag_arrays(source, slide_ids, dtype)
+    views = [load_bag_arrays(source, slide_ids, dtype)]
     for k, d in enumerate(dirs, start=1):
         store = FeatureStore(d)
-        have = set(store.slide_ids())
-        missing = [s for s in slide_ids if s not in have]
+        missing = sorted(set(slide_ids) - set(store.slide_ids()))
         if missing:
             raise RaypathError(
                 f"generated view v{k} in {d!r} lacks slide(s) {missing[:5]}: re-run "
                 f"`raypath embed --variants {len(dirs)}` on the same workdir"
             )
-        for s in slide_ids:
-            out[variant_key(s, k)] = store.load_bag(s).features.astype(dtype, copy=False)
-    return out, len(dirs)
+        views.append(load_bag_arrays(store, slide_ids, dtype))
+    return ViewBags(views, slide_ids), len(dirs)
 
 
 def bag_keys(slide_ids: list[str], n_variants: int = 0) -> list[str]:

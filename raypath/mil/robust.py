@@ -142,9 +142,9 @@ class VariantRun:
                  slide_ids: list[str]) -> dict:
         """Scores the consistency metrics need (checkpointable: tensors and floats).
 
-        ``train_median`` / ``train_sd``: the median and sd of the training
-        slides' risk (survival; the risk-group threshold and the scale of
-        the relative risk difference).  ``view_scores`` [K, n_eval, ...]:
+        ``train_median`` / ``train_sd`` / ``train_risks``: the median, sd and
+        sorted values of the training slides' risk (survival: the risk-group
+        threshold and the scales of the relative and quantile differences).  ``view_scores`` [K, n_eval, ...]:
         the generated views 1..K of the evaluation rows.
         """
         if self._evaluated is not None:  # the last epoch's result is asked for twice
@@ -154,6 +154,7 @@ class VariantRun:
             train_scores = predict([self.bags[slide_ids[i]] for i in self.train_rows]).reshape(-1)
             out["train_median"] = float(np.median(train_scores))
             out["train_sd"] = float(np.std(train_scores, ddof=1)) if len(train_scores) > 1 else float("nan")
+            out["train_risks"] = torch.from_numpy(np.sort(train_scores).astype(np.float32))
         if self.tissues.source == "generated":
             k_max = max(len(v) for v in self.tissues.views) - 1
             views = [predict([self.bags[variant_key(slide_ids[i], k)] for i in eval_rows])

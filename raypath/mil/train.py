@@ -36,7 +36,7 @@ import torch
 
 from raypath.evaluation.metrics import classification_metrics, harrell_c_index
 from raypath.evaluation.splits import Split
-from raypath.mil.data import BagList, collate_bags, epoch_order, load_bag_arrays, shard
+from raypath.mil.data import BagList, bag_keys, collate_bags, epoch_order, load_bag_arrays, shard
 from raypath.mil.losses import make_objective, make_time_bins, time_to_bin
 from raypath.mil.models import build_model
 from raypath.train.checkpoint import STATE_FILE, load_state, module_state, unwrap
@@ -404,8 +404,10 @@ def _ray_train_loop(config: dict) -> None:
         source = ray.get(config["bags_ref"])
     else:
         source = config["features_path"]
-    bags = load_bag_arrays(source, clinical["slide_id"].astype(str).tolist())
     params = TrainParams(**config["params"])
+    # generated technical variants travel as <slide>@v<k> bags
+    n_views = params.n_variants if params.variant_source == "generated" else 0
+    bags = load_bag_arrays(source, bag_keys(clinical["slide_id"].astype(str).tolist(), n_views))
     run_splits(RayTrainContext(), bags, clinical, config["splits"], params)
 
 

@@ -137,7 +137,20 @@ def verdict(doc: dict) -> str:
                  + ", ".join(t for t in (f"{num(within)} comparing patients within a cohort" if within is not None
                                          else "", f"{num(pooled)} pooled across cohorts" if pooled is not None
                                          else "") if t) + ".")
-    return text + "  0.5 = random ordering."
+    return text + "  0.5 = random ordering." + _consistency_sentence(s)
+
+
+def _consistency_sentence(s: dict) -> str:
+    """Prediction consistency between technical variants of the held-out tissues (issue 15), if scored."""
+    c = s.get("consistency") or {}
+    if not is_number(c.get("mean_n_pairs")):
+        return ""
+    head = f"  Between technical variants of one tissue ({c['mean_n_pairs']:.0f} pairs per held-out cohort): "
+    pct = lambda v: f"{100 * v:.0f} %" if is_number(v) else "\u2013"  # noqa: E731
+    if "mean_quantile_diff" in c:
+        return (head + f"risk quantiles differ by {num(c.get('mean_quantile_diff'))} on average, "
+                f"{pct(c.get('mean_flip_rate'))} of pairs change risk group (0 = fully consistent).")
+    return head + f"{pct(c.get('mean_disagreement'))} predicted differently, kappa {num(c.get('mean_kappa'))}."
 
 
 def secondary_rows(doc: dict) -> tuple[list[str], list[dict[str, Any]]]:
