@@ -281,8 +281,11 @@ def _log_epoch(recipe: DinoRecipe, run: _Run, row: dict, n_done: int) -> None:
         log.warning("%s %s epoch %d: teacher entropy %.3f ~ log(out_dim) = %.3f: DINO has collapsed to the uniform "
                     "distribution; lower --lr or raise --warmup-epochs", recipe.name, cfg.run, row["epoch"] + 1,
                     row["teacher_entropy"], math.log(out_dim))
-    log.info("%s %s epoch %d/%d loss %.4f teacher entropy %.3f (%.1f s)", recipe.name, cfg.run, row["epoch"] + 1,
-             cfg.epochs, row["loss"], row["teacher_entropy"], row["epoch_s"])
+    from raypath.io.progress import format_duration
+
+    eta = format_duration((cfg.epochs - row["epoch"] - 1) * row["epoch_s"])  # the progress line of every DINO run
+    log.info("%s %s: epoch %d/%d, %.1f s/epoch, ETA %s; loss %.4f, teacher entropy %.3f", recipe.name, cfg.run,
+             row["epoch"] + 1, cfg.epochs, row["epoch_s"], eta, row["loss"], row["teacher_entropy"])
 
 
 def train_loop(recipe: DinoRecipe, ctx: TrainContext, images: np.ndarray | None = None, n_rows: int | None = None) -> dict:
