@@ -68,7 +68,7 @@ class PatchConfig(StageConfig):
     patch_px: int = Field(224, ge=16, description="patch side in px at --mpp (resized to the model's input)")
     mpp: float = Field(0.25, gt=0, description="um/px of patches read from slides")
     shift_px: int = Field(16, ge=0, description="largest random shift of a training patch (px)")
-    model: str = Field("tiny-vit", description="registry key of the foundation model")
+    model: str = Field("phikon", description="registry key of the foundation model (tiny-vit: random test model)")
     weights: str | None = Field(None, description="weights file/folder ('random' for test models; default: HF cache)")
     methods: list[str] = Field(["linear", "knn", "lora", "dora", "full", "e2e-resnet", "e2e-vit"], description="methods to compare")
     protocols: list[str] = Field(["scaling", "domain"], description="scaling (label fractions), domain (train on one, test on each), lodo")
@@ -139,8 +139,9 @@ class PatchConfig(StageConfig):
             raise ValueError(f"metric {self.metric!r}: choose from {', '.join(METRICS)}")
         sources = [self.patches, self.annotations, self.image_folder, self.tiles_label, self.synth or None]
         if sum(s is not None for s in sources) != 1:
+            hint = " (--preset cpu-small sets --synth: add --no-synth to use your own data)" if self.synth else ""
             raise ValueError("give exactly one source of patches: --patches, --annotations, --image-folder, "
-                             "--tiles-label or --synth")
+                             f"--tiles-label or --synth{hint}")
         return self
 
     def resolved_e2e_size(self) -> str:
@@ -228,10 +229,20 @@ def execute_fit(job, run_dir: str, results_key: str) -> dict:
     from raypath.io.jsonio import to_jsonable
 
     atomic_write_bytes(rec_path, json.dumps(to_jsonable(record), indent=1).encode())
-    ck = _checkpoint_dir(run_dir, fit.key)
+    _drop_checkpoints(_checkpoint_dir(run_dir, fit.key))
+    return record
+
+
+def _drop_checkpoints(ck: str) -> None:
+    """A finished fit's checkpoints are not needed any more (its result is written)."""
     if not is_remote(ck):
         shutil.rmtree(strip_protocol(ck), ignore_errors=True)
-    return record
+        return
+    from raypath.io.storage import filesystem_for
+
+    fs = filesystem_for(ck)
+    if fs.exists(ck):
+        fs.rm(ck, recursive=True)
 
 
 def _done(run_dir: str, key: str, results_key: str) -> dict | None:

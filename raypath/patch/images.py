@@ -61,6 +61,11 @@ class PatchImages:
 
     def __init__(self, folder: str):
         self.folder = folder
+        if not os.path.exists(os.path.join(folder, _COMPLETE)):
+            raise RaypathError(
+                f"patch cache {folder!r} is not on this machine: a fit on another Ray node needs the cache "
+                "there too; pass --cache-dir on a file system every node mounts"
+            )
         self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
         ids = pd.read_parquet(os.path.join(folder, "index.parquet"))["patch_id"].astype(str)
         self.patch_ids = ids.to_numpy()

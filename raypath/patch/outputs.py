@@ -224,12 +224,13 @@ def domain_plot(summary: pd.DataFrame, metric: str) -> bytes | None:
         return None
     d = d[np.isclose(d["fraction"], d["fraction"].max())]
     methods = sorted(d["method"].unique())
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods), 3.4), squeeze=False)
-    for ax, meth in zip(axes[0], methods):
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods) + 1.5, 3.6), squeeze=False)
+    name = lambda c: str(c).replace("_", "\n", 1)  # noqa: E731  (tumour names on two lines)
+    for i, (ax, meth) in enumerate(zip(axes[0], methods)):
         t = d[d["method"] == meth].pivot(index="train_on", columns="test_on", values=f"{metric}_mean")
         im = ax.imshow(t.to_numpy(float), vmin=0.5 if metric != "kappa" else 0.0, vmax=1.0, cmap="viridis")
-        ax.set_xticks(range(t.shape[1]), [c[:14] for c in t.columns], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(t.shape[0]), [c[:14] for c in t.index], fontsize=7)
+        ax.set_xticks(range(t.shape[1]), [name(c) for c in t.columns], rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(t.shape[0]), [name(c) for c in t.index] if i == 0 else [], fontsize=6)
         for (i, j), v in np.ndenumerate(t.to_numpy(float)):
             ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
         ax.set_title(meth, fontsize=9)
