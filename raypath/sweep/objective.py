@@ -266,8 +266,9 @@ def run_fold(
 
 def aggregate(folds: list[dict], n_folds: int) -> dict:
     """Metrics reported after each fold (running over the folds done)."""
-    ext = [f["external"] for f in folds]
-    intl = [f["internal"] for f in folds]
+    # fold records read back from folds.json hold null where a score was NaN (too few comparable pairs)
+    ext = np.array([_f(f["external"]) for f in folds], dtype=float)
+    intl = np.array([_f(f["internal"]) for f in folds], dtype=float)
     worst_i = int(np.nanargmin(ext)) if np.isfinite(ext).any() else 0
     out: dict[str, Any] = {
         "folds_done": len(folds),
@@ -279,8 +280,8 @@ def aggregate(folds: list[dict], n_folds: int) -> dict:
         "time_s": float(sum(f["time_s"] for f in folds)),
     }
     for key in ("site_probe_bacc", "kmeans_purity", "mean_inconsistency", "mean_flip_rate"):
-        vals = [f[key] for f in folds if key in f]
-        if vals:
+        vals = np.array([_f(f[key]) for f in folds if key in f], dtype=float)
+        if len(vals):
             out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
     for f in folds:
         out[f"external_{f['held_out']}"] = f["external"]
