@@ -284,3 +284,45 @@ def test_the_lora_claim_is_checked_per_seed_and_not_judged_at_chance_level():
     line = headline_sentences({"metric": "balanced_accuracy", "lora_10pct": {"lora": noise}})[0]
     assert "cannot be tested here" in line
     assert "does not hold" in headline_sentences({"metric": "balanced_accuracy", "lora_10pct": {"lora": no}})[0]
+
+
+def test_tiles_with_a_label_column_become_patches_centred_on_each_tile(tmp_path):
+    from raypath.patch.builders import from_tiles
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    slides = pd.DataFrame({"slide_id": ["s1", "s2"], "uri": ["/d/s1.svs", "/d/s2.svs"], "patient_id": ["p1", "p2"],
+                           "cohort": ["A", "B"], "level_downsamples": [[1.0, 4.0], [1.0, 4.0]]})
+    slides.to_parquet(wd / "slides.parquet")
+    tiles = pd.DataFrame({"slide_id": ["s1", "s1", "s2"], "tile_id": [0, 1, 0], "x": [0, 896, 0], "y": [0, 0, 448],
+                          "level": [1, 1, 0], "read_px": [56, 56, 224], "tile_px": [224, 224, 224],
+                          "target_mpp": [0.5, 0.5, 0.5], "tissue_fraction": [1.0, 1.0, 1.0],
+                          "grade": ["tumour", None, "stroma"]})
+    tiles.to_parquet(wd / "tiles.parquet")
+    t = from_tiles(str(wd), label_column="grade")
+    assert list(t["patch_id"]) == ["s1_t0", "s2_t0"]  # unlabelled tiles are left out
+    assert list(t["x"]) == [112.0, 112.0] and list(t["y"]) == [112.0, 560.0]  # centre: read_px x downsample / 2
+    assert list(t["domain"]) == ["A", "B"] and list(t["mpp"]) == [0.5, 0.5]
+    with pytest.raises(RaypathError, match="no column 'label'"):
+        from_tiles(str(wd))
+
+
+def test_an_image_folder_per_class_becomes_a_table_and_a_patch_cache(tmp_path):
+    from PIL import Image
+
+    from raypath.patch.builders import from_image_folder
+    from raypath.patch.images import Geometry, build_patch_cache
+
+    rng = np.random.default_rng(0)
+    for dom in ("siteA", "siteB"):
+        for lab in ("mitosis", "imposter"):
+            (tmp_path / "imgs" / dom / lab).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / dom / lab / f"c{i}.png")
+    t = from_image_folder(str(tmp_path / "imgs"), domain_level=True)
+    assert len(t) == 8 and set(t["domain"]) == {"siteA", "siteB"} and set(t["label"]) == {"mitosis", "imposter"}
+    assert t["slide_id"].is_unique  # without a groups table every image is its own slide
+    cache = build_patch_cache(t, Geometry(patch_px=16, mpp=0.5, shift_px=2), str(tmp_path / "cache"))
+    assert cache.images.shape == (8, 20, 20, 3) and cache.centre(np.arange(8)).shape == (8, 16, 16, 3)
+    with pytest.raises(RaypathError, match="is not at <label>/<image>"):
+        from_image_folder(str(tmp_path / "imgs"))

@@ -247,15 +247,18 @@ def from_image_folder(root: str, domain_level: bool = False, groups: str | None 
 
 def from_tiles(workdir: str, label_column: str = "label", tiles: str | None = None,
                s3: S3Options | None = None) -> pd.DataFrame:
-    """A patch table from ``tiles.parquet`` carrying a label column (one patch per tile, centred on it)."""
+    """A patch table from tile rows carrying a label column (one patch per tile, centred on it):
+    ``tiles`` (a parquet file of tiles.parquet rows + the label), or the workdir's ``tiles.parquet``."""
     from raypath.io.storage import read_parquet
+    from raypath.wsi.tile_table import read_tile_table
 
     tiles_uri = tiles or join(workdir, "tiles.parquet")
     try:
-        t = read_parquet(tiles_uri, s3).to_pandas()
+        t = read_parquet(tiles, s3).to_pandas() if tiles else read_tile_table(workdir, s3)
         s = read_parquet(join(workdir, "slides.parquet"), s3).to_pandas()
-    except FileNotFoundError as e:
-        raise RaypathError(f"{e.filename or tiles_uri!r} not found: run `raypath ingest` and `raypath tile` first") from None
+    except FileNotFoundError:
+        raise RaypathError(f"{tiles_uri!r} or {join(workdir, 'slides.parquet')!r} not found: run `raypath ingest` "
+                           "and `raypath tile` first (or pass the labelled tile rows as a parquet file)") from None
     if label_column not in t.columns:
         raise RaypathError(f"{tiles_uri!r} has no column {label_column!r}: add the label of each tile "
                            f"(columns found: {', '.join(t.columns)})")
