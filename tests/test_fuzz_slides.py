@@ -65,7 +65,9 @@ def run_fuzz(root: Path, cmu: Path, n: int, seed: int) -> None:
     work = str(root / "work")
     slides = ingest(IngestConfig(workdir=work, cohort=str(root / "cohort.csv"), use_ray=False))
     summary = tile(TileConfig(workdir=work, target_mpp=1.0, min_tissue_fraction=0.3, qc=False))
-    res = embed(EmbedConfig(workdir=work, model="tiny-vit", batch_size=32, progress_interval_s=30))
+    # 20 %: with ~12 tiles a slide, one damaged tile is kept out (skip) and recorded, four fail the slide
+    res = embed(EmbedConfig(workdir=work, model="tiny-vit", batch_size=32, progress_interval_s=30,
+                            max_damaged_fraction=0.2))
     manifest = json.loads(next((root / "work" / "features").glob("*/manifest.json")).read_text())
 
     # every failure, at every stage, has a documented cause (and so its remedy)
@@ -99,10 +101,24 @@ def run_fuzz(root: Path, cmu: Path, n: int, seed: int) -> None:
     # the mutants really exercise the paths: failures at ingest, damaged tiles found and recorded
     assert (slides["status"] != "ok").sum() >= n // 3
     assert checked + len(manifest.get("failed_damaged_tiles", {})) > 0
+    return work, res, manifest
 
 
 def test_fuzzed_slides_through_ingest_tile_embed(tmp_path, cmu_slide, ray_session):
-    run_fuzz(tmp_path, cmu_slide, n=33, seed=0)
+    work, res, manifest = run_fuzz(tmp_path, cmu_slide, n=33, seed=0)
+
+    # a corrupt manifest.json: the run falls back to each file's own cache key (and damage record)
+    # and rewrites it, instead of a JSONDecodeError
+    path = next(Path(work, "features").glob("*/manifest.json"))
+    path.write_text(path.read_text()[:200])
+    done = sorted(res.slides.loc[res.slides["status"] == "done", "slide_id"])
+    again = embed(EmbedConfig(workdir=work, model="tiny-vit", batch_size=32, slide_ids=done, max_damaged_fraction=0.2))
+    assert set(again.slides["status"]) == {"skipped"}, again.slides
+    rewritten = json.loads(path.read_text())
+    assert sorted(rewritten["slides"]) == done
+    assert any(manifest["slides"][sid].get("damaged_tiles") for sid in done)  # skipped damaged tiles exist
+    for sid in done:  # damage records survive the lost manifest
+        assert rewritten["slides"][sid].get("damaged_tiles") == manifest["slides"][sid].get("damaged_tiles"), sid
 
 
 @pytest.mark.slow

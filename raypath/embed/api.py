@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import time
@@ -518,6 +519,25 @@ def _slide_entry(slide, ix, ident: ModelIdentity, dtype: str) -> dict:
     }
 
 
+#: parquet metadata key of a slide file's damaged-tile record (``{"damaged_tiles": ..., "damaged_policy": ...}``)
+DAMAGE_META = "raypath.damaged_tiles"
+
+
+def _file_damage(feature_dir: str, slide_id: str, s3: S3Options) -> dict:
+    """The damaged-tile record a slide file carries in its parquet metadata (``{}`` when none)."""
+    import pyarrow.parquet as pq
+
+    from raypath.embed.store import slide_file
+    from raypath.io.storage import open_file
+
+    try:
+        with open_file(slide_file(feature_dir, slide_id), "rb", s3) as f:
+            raw = (pq.read_schema(f).metadata or {}).get(DAMAGE_META.encode())
+        return json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _read_manifest_or_fallback(feature_dir: str, s3: S3Options) -> dict:
     """``manifest.json``, or ``{}`` when it is corrupt: each slide file carries its own cache key
     (parquet metadata), so nothing is lost; the run rewrites the manifest."""
@@ -556,9 +576,9 @@ def plan_embed(cfg: EmbedConfig, ident: ModelIdentity, feature_dir: str, s3: S3O
             same_policy = old.get("damaged_policy", cfg.damaged_tiles) == cfg.damaged_tiles  # skip/keep changed
             if old.get("cache_key") == entry["cache_key"] and same_policy:
                 up_to_date = True
-            elif file_cache_key(feature_dir, sid, s3) == entry["cache_key"]:  # written before a crash
-                up_to_date = True
-                plan.entries[sid] = entry
+            elif not old and file_cache_key(feature_dir, sid, s3) == entry["cache_key"]:  # written before a
+                up_to_date = True  # crash, or the manifest was lost: the file's own metadata says what it holds
+                plan.entries[sid] = dict(entry, **_file_damage(feature_dir, sid, s3))
         if up_to_date:
             plan.rows.append({"slide_id": sid, "status": "skipped", "n_tiles": int(ix.n_tiles), "error": None})
         else:
@@ -686,6 +706,8 @@ class _Collector:
             tid, xy, feats = tid[kept], xy[kept], feats[kept]
         self.tiles_done += len(tid)
         meta = {CACHE_KEY_META: self.entry_of[sid]["cache_key"], "model_key": self.ident.model_key}
+        if "damaged_tiles" in self.entry_of[sid]:  # also in the file: a lost manifest loses no record
+            meta[DAMAGE_META] = json.dumps({k: self.entry_of[sid][k] for k in ("damaged_tiles", "damaged_policy")})
         self.pending.append((sid, self.writer.submit(
             write_bag_table, self.feature_dir, sid, tid, xy, feats, self.cfg.dtype, self.s3, meta)))
 
