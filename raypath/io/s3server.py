@@ -79,6 +79,7 @@ class EmbeddedS3:
             client_kwargs={"endpoint_url": self.endpoint_url},
             default_block_size=S3Options().block_size_bytes,
             default_cache_type=S3Options().cache_type,
+            config_kwargs=S3Options().storage_options()["config_kwargs"],  # timeouts + retries, as everywhere
             skip_instance_cache=True,
         )
 
