@@ -57,7 +57,7 @@ def module_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[s
         items = ((n, p) for n, p in model.named_parameters() if p.requires_grad)
     else:
         items = model.state_dict().items()
-    return {n: t.detach().cpu().contiguous() for n, t in items}
+    return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in items}  # copies, never views of live weights
 
 
 def load_module_state(model: torch.nn.Module, state: dict[str, torch.Tensor], trainable_only: bool = False) -> None:
