@@ -68,6 +68,8 @@ def test_fewer_than_10_comparable_pairs_is_nan_with_the_reason():
     assert "only 5 comparable pair(s)" in m["c_index_note"]
     ok = survival_metrics(np.arange(1, 7), np.ones(6), -np.arange(1, 7))
     assert ok["c_index"] == 1.0 and ok["n_comparable_pairs"] == 15 and ok["c_index_note"] is None
+    few = survival_metrics([1, 2, 3, 4], [1, 1, 0, 0], [4, 3, 2, 1], [1, 2, 3, 5], [1, 1, 1, 0])
+    assert math.isnan(few["uno_c"])  # Uno's C ranks the same pairs: not reported either
 
 
 def test_lodo_reports_stratified_internal_c_and_pairs_beside_the_pooled_one():

@@ -219,7 +219,9 @@ def survival_metrics(
     out = concordance(frame["time"], frame["event"], frame["risk"],
                       frame["stratum"] if strata is not None else None)
     if train_time is not None and strata is None:
-        out["uno_c"] = uno_c_index(train_time, train_event, frame["time"], frame["event"], frame["risk"])
+        # Uno's C ranks the same pairs (censoring-weighted): not reported when Harrell's is not
+        out["uno_c"] = (uno_c_index(train_time, train_event, frame["time"], frame["event"], frame["risk"])
+                        if out["c_index_note"] is None else float("nan"))
         out["td_auc"] = time_dependent_auc(train_time, train_event, frame["time"], frame["event"], frame["risk"])[0]
     out["n_patients" if patients is not None else "n_units"] = int(len(frame))
     return out
