@@ -85,8 +85,24 @@ def study_card(folder: Folder) -> dict[str, Any] | None:
 def random_weight_banners(card: dict | None) -> list[str]:
     if not card:
         return []
-    return [f"Features {m['key']} come from {m['model']} with random weights ({m['weights']}): the numbers on "
-            "these pages test the pipeline, not a model." for m in card["models"] if m["random"]]
+    by_model: dict[str, list[str]] = {}
+    for m in card["models"]:
+        if m["random"]:
+            by_model.setdefault(m["model"], []).append(m["key"])
+    return [f"Features from {model} with random weights ({', '.join(keys)}): the numbers on these pages test the "
+            "pipeline, not a model." for model, keys in by_model.items()]
+
+
+def experiment_parts(runs: list[dict]) -> set[str]:
+    """Runs that belong to an adaptation experiment (shown on its page, not as study results)."""
+    parts: set[str] = set()
+    for r in runs:
+        if r["kind"] == "experiment" and isinstance(r["doc"], dict):
+            parts |= {x["name"] for x in runs if x["name"].startswith(r["name"] + "-")}
+            for v in (r["doc"].get("mil") or {}).values():
+                if isinstance(v, dict) and v.get("run_dir"):
+                    parts.add(str(v["run_dir"]).rstrip("/").rsplit("/", 1)[-1])
+    return parts
 
 
 # --------------------------------------------------------------------------- runs
@@ -132,7 +148,10 @@ def headline(kind: str, doc: dict | None) -> str:
     if kind == "experiment":
         mil = doc.get("mil") or {}
         b, a = (mil.get("before") or {}).get("mean"), (mil.get("after") or {}).get("mean")
-        return f"before/after adaptation: mean held-out score {num(b)} \u2192 {num(a)}"
+        rows = {r.get("metric"): r for r in doc.get("table") or [] if isinstance(r, dict)}
+        probe = next((r for k, r in rows.items() if str(k).startswith("site probe balanced")), None)
+        site = (f"site probe {num(probe.get('before'))} \u2192 {num(probe.get('after'))}; " if probe else "")
+        return f"before \u2192 after adaptation: {site}mean held-out C-index {num(b)} \u2192 {num(a)}"
     if kind == "patch":
         return " ".join((doc.get("sentences") or [])[:2]) or f"patch classification, {doc.get('fits', '?')} fits"
     if kind == "adapter":
@@ -208,10 +227,14 @@ def answer(card: dict | None, lodo: list[dict], robust: list[dict]) -> str:
 def context(folder: Folder, linked: set[str] | None = None) -> dict[str, Any]:
     card = study_card(folder)
     runs = collect_runs(folder, linked)
-    lodo = lodo_tables(runs)
-    robust = robustness_tables(runs)
+    parts = experiment_parts(runs)
+    own = [r for r in runs if r["name"] not in parts or r["dir"] != "runs"]
+    lodo = lodo_tables(own)
+    robust = robustness_tables(own)
     internal = [{"run": r["name"], "href": r["href"], "verdict": M.verdict(r["doc"])}
-                for r in runs if r["kind"] == "mil" and r["doc"].get("protocol") != "lodo"]
+                for r in own if r["kind"] == "mil" and r["doc"].get("protocol") != "lodo"]
+    experiments = [{"run": r["name"], "href": r["href"], "verdict": r["headline"]}
+                   for r in runs if r["kind"] in ("experiment", "comparison", "sweep", "patch") and r in own]
     files = set(folder.files(max_depth=1))
     project = [f for f in ("cohort.csv", "slides.parquet", "tiles.parquet", "tiling_summary.parquet")
                if f in files or folder.exists(f)]
@@ -224,6 +247,7 @@ def context(folder: Folder, linked: set[str] | None = None) -> dict[str, Any]:
         "lodo": lodo,
         "internal": internal,
         "robust": robust,
+        "experiments": experiments,
         "runs": runs,
         "qc": qc_strip(folder),
         "project_files": project,
