@@ -103,7 +103,7 @@ def notes(rows: list[dict[str, Any]], protocol: str = "lodo") -> list[str]:
         for col, stat in ((first, r["stat"]), ("internal", r.get("internal")),
                           ("internal, within cohort", r.get("internal_strat"))):
             if isinstance(stat, dict) and stat.get("note") and not is_number(stat.get("mean")):
-                note = re.sub(r"^1 of 1 fold\(s\)/repeat\(s\): ", "", str(stat["note"]))
+                note = re.sub(r"^(\d+) of \1 fold\(s\)/repeat\(s\): ", "", str(stat["note"]))  # "in every fit"
                 out.append(f"{r['label']} {col}: {note.replace(': C-index not reported', '')}")
     return list(dict.fromkeys(out))
 
