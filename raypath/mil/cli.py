@@ -24,6 +24,8 @@ def _main(args: argparse.Namespace) -> int:
             print(t[["name", "set", "cohort", "mean", "sd", "ci_low", "ci_high", "n"]].to_string(index=False, float_format="%.3f"))
     if cfg.protocol == "lodo" and s.get("mean") is not None:
         print(f"external {s['metric']}: mean {s['mean']:.3f}, worst {s['worst']:.3f} ({s['worst_cohort']})")
+    if s.get("internal_note"):  # which internal score is which; C per patient, none below 10 comparable pairs
+        print(s["internal_note"] + "; not reported (NaN) below 10 comparable pairs")
     print(f"outputs in {res.run_dir}")
     return 0
 
