@@ -129,7 +129,16 @@ def start_watcher(driver_pid: int | None = None) -> subprocess.Popen | None:
         return None
 
 
+def _is_ray_process(p) -> bool:
+    """Ray's own processes: raylet, GCS, ``ray::*`` workers and agents, Ray's Python daemons."""
+    name = p.name()
+    if name in ("raylet", "gcs_server") or name.startswith("ray::"):
+        return True
+    return any(f"{os.sep}ray{os.sep}" in a for a in p.cmdline()[:3])
+
+
 def _descendants(proc) -> dict[int, float]:
+    """Ray processes below ``proc`` (the driver's other children, a user's servers, are left alone)."""
     import psutil
 
     out = {}
@@ -139,7 +148,8 @@ def _descendants(proc) -> dict[int, float]:
             if c.pid == me:
                 continue
             try:
-                out[c.pid] = c.create_time()
+                if _is_ray_process(c):
+                    out[c.pid] = c.create_time()
             except psutil.Error:
                 pass
     except psutil.Error:
