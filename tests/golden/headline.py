@@ -24,6 +24,22 @@ def _flatten(obj, prefix, out):
         out[prefix] = float(obj)
 
 
+def _prediction_order(run_dir: Path, prefix: str, out: dict[str, float]) -> None:
+    """Harrell's C of all of a run's predictions per split set (slides pooled over
+    folds and repeats, no pair threshold): a refactor check on the predicted risk
+    order that stays defined when the reported, per-fold C-indices of the tiny
+    demo have fewer than 10 comparable pairs (and are then not reported)."""
+    import pandas as pd
+
+    from raypath.evaluation.metrics import harrell_c_index
+
+    p = pd.read_parquet(run_dir / "predictions.parquet")
+    for split, g in p.groupby("split", sort=True):
+        c = harrell_c_index(g["time"], g["event"], g["risk"])
+        if math.isfinite(c):
+            out[f"{prefix}.predictions.{split}.c_index_all_slides"] = float(c)
+
+
 def headline(workdir: str | Path) -> dict[str, float]:
     wd = Path(workdir)
     out: dict[str, float] = {}
@@ -32,6 +48,7 @@ def headline(workdir: str | Path) -> dict[str, float]:
         flat: dict[str, float] = {}
         _flatten(summary, f"mil-{protocol}", flat)
         out.update({k: v for k, v in flat.items() if k.endswith(".mean") and math.isfinite(v)})
+        _prediction_order(wd / "runs" / f"mil-{protocol}", f"mil-{protocol}", out)
     rob = json.loads((wd / "runs" / "robustness" / "robustness.json").read_text())["headline"]
     _flatten(rob, "robustness", out)
     return dict(sorted(out.items()))
