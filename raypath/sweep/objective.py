@@ -197,14 +197,14 @@ def select_fold_score(out, held_out: str, inner_selection: str) -> dict:
 
 def fold_consistency_score(out, held_out: str) -> dict:
     """The held-out tissues' prediction inconsistency between technical variants
-    (last epoch; empty when the cohort has no variants): ``rel_risk_diff`` /
+    (last epoch; empty when the cohort has no variants): ``quantile_diff`` /
     ``flip_rate`` for survival, ``prob_diff`` / ``disagreement`` for classification."""
     per = (out.summary.get("consistency") or {}).get("per_cohort", {}).get(held_out)
     if not per:
         return {}
-    survival = "rel_risk_diff" in per
+    survival = "quantile_diff" in per
     return {
-        "mean_inconsistency": _f(per.get("rel_risk_diff" if survival else "prob_diff")),
+        "mean_inconsistency": _f(per.get("quantile_diff" if survival else "prob_diff")),
         "mean_flip_rate": _f(per.get("flip_rate" if survival else "disagreement")),
         "n_pairs": _f(per.get("n_pairs")),
     }
