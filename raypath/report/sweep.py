@@ -37,6 +37,8 @@ def _trial_no(v: Any) -> str:
 def trial_rows(trials, objectives: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """(param columns, one row per trial in trials.csv order of ``trial_index``)."""
     params = [c for c in trials.columns if c.startswith("param:")]
+    # kind adapter: what each fold's adapter was tuned on (cohorts, number of slides)
+    params += [c for c in trials.columns if c.startswith("adapted_on_")]
     t = trials.sort_values("trial_index") if "trial_index" in trials.columns else trials
     rows = []
     for r in t.to_dict("records"):
@@ -51,7 +53,7 @@ def trial_rows(trials, objectives: list[str]) -> tuple[list[str], list[dict[str,
             "pareto": bool(r.get("pareto")) if r.get("pareto") == r.get("pareto") else False,
             "error": err if isinstance(err, str) and err else "",
         })
-    return [p.removeprefix("param:") for p in params], rows
+    return [p.removeprefix("param:").replace("adapted_on_", "adapter of fold ") for p in params], rows
 
 
 def best_trial_no(trials, trial_id: str | None) -> str:
