@@ -392,3 +392,19 @@ def test_one_request_gives_up_within_the_budget_and_blames_the_endpoint(child_en
     assert took < 3.0 + read_s + 1.0 + 3.0, took  # budget + one attempt's timeouts + slack
     if fault == "freeze":  # a request waiting without an answer is reported in the log
         assert any("no progress for" in r.getMessage() and url in r.getMessage() for r in caplog.records)
+
+
+def test_endpoint_down_before_the_run_is_found_by_the_probe(child_endpoint, tmp_path, monkeypatch, capsys):
+    proc, url = child_endpoint
+    proc.kill()
+    proc.wait()
+    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                 "RAYPATH_S3_RETRY_TOTAL_S": "2", "RAYPATH_S3_CONNECT_TIMEOUT_S": "1"}.items():
+        monkeypatch.setenv(k, v)
+    pd.DataFrame({"slide_id": ["a"], "uri": ["s3://blobs/a.svs"], "patient_id": ["p"], "cohort": ["c"]}).to_csv(
+        tmp_path / "c.csv", index=False)
+    t = time.monotonic()
+    rc, err = _cli(["ingest", "--workdir", str(tmp_path / "w"), "--cohort", str(tmp_path / "c.csv"),
+                    "--no-use-ray"], capsys)
+    assert rc == 4 and url in err and "probe of bucket 'blobs'" in err, err
+    assert time.monotonic() - t < 15 and not (tmp_path / "w" / "slides.parquet").exists()
