@@ -232,14 +232,17 @@ class GuardedS3FileSystem(s3fs.S3FileSystem):
 
 # --------------------------------------------------------------------------- classifying exceptions
 
-#: Exception type names that mean "the endpoint did not answer", whatever library raised them.
+#: Exception type names that mean "the endpoint did not answer", whatever S3 library raised them.
 _OUTAGE_NAMES = {
     "StorageOutageError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
     "ConnectionClosedError", "ResponseStreamingError", "ClientConnectorError", "ClientConnectionError",
     "ServerDisconnectedError", "ServerTimeoutError", "ClientOSError", "ClientPayloadError",
-    "FSTimeoutError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
-    "BrokenPipeError", "IncompleteRead", "ProxyConnectionError", "StorageUnavailable",
+    "FSTimeoutError", "ProxyConnectionError", "StorageUnavailable",
 }
+#: Builtin errors that mean the same only when an S3/HTTP library is in the chain (else: a pipe, Ray, ...).
+_WEAK_NAMES = {"ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "IncompleteRead",
+               "TimeoutError"}
+_S3_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "raypath.io")
 
 
 def _chain(exc: BaseException | None, limit: int = 30) -> Iterator[BaseException]:
@@ -255,18 +258,25 @@ def _chain(exc: BaseException | None, limit: int = 30) -> Iterator[BaseException
         todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
 
 
+def _server_error(e: BaseException) -> bool:
+    resp = getattr(e, "response", None)
+    if not isinstance(resp, dict):
+        return False
+    code = resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return int(code) >= 500 or resp.get("Error", {}).get("Code") in ("SlowDown", "ServiceUnavailable")
+
+
 def outage_cause(exc: BaseException | None) -> BaseException | None:
     """The exception in ``exc``'s chain that says the storage endpoint did not answer, or ``None``."""
-    for e in _chain(exc):
+    chain = list(_chain(exc))
+    s3_involved = any(type(e).__module__.startswith(_S3_MODULES) for e in chain)
+    for e in chain:
         names = {t.__name__ for t in type(e).__mro__}
-        if names & _OUTAGE_NAMES:
+        if names & _OUTAGE_NAMES or _server_error(e):
             return e
-        if "TimeoutError" in names and "asyncio" in type(e).__module__ + "".join(t.__module__ for t in type(e).__mro__):
-            return e
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict):
-            code = resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            if int(code) >= 500 or resp.get("Error", {}).get("Code") in ("SlowDown", "ServiceUnavailable"):
+    if s3_involved:
+        for e in chain:
+            if {t.__name__ for t in type(e).__mro__} & _WEAK_NAMES:
                 return e
     return None
 
