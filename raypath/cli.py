@@ -57,6 +57,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = argv or []
     parser = argparse.ArgumentParser(
         prog="raypath",
+        allow_abbrev=False,
         description="Robust pathology foundation-model features on Ray. `raypath VERB --help` for a verb's options.",
     )
     parser.add_argument("--version", action="version", version=f"raypath {__version__}")
@@ -71,6 +72,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     loaded = VERBS[verb][0] if verb else None
     if loaded:
         importlib.import_module(loaded).add_cli(sub)
+        for p in sub.choices.values():  # a flag is spelled in full: --tiles never means --tiles-per-slide
+            p.allow_abbrev = False
     for name, (module, help_text) in VERBS.items():
         if module != loaded:
             sub.add_parser(name, help=help_text)

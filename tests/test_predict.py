@@ -63,6 +63,11 @@ def test_predict_on_training_slides_flags_training_patients(trained):
     wd, feats, model_dir = trained
     res = predict(PredictConfig(model=model_dir, workdir=wd, heatmaps=0, n_boot=0))
     assert res.predictions["trained_on"].all()  # every patient was in the training set
+    from raypath.predict.model import load_final_model
+
+    meta, _ = load_final_model(model_dir)  # the cut-off is the median of the training patients' risk as predicted
+    per_patient = res.predictions.groupby("patient_id")["risk"].mean()
+    assert meta.cutoffs[0] == pytest.approx(float(np.quantile(per_patient, 0.5)), rel=1e-5)
     assert "survival" not in res.metrics and res.metrics["n_trained_on"] == len(res.predictions)
 
 
@@ -138,8 +143,22 @@ def test_heatmap_pixels_carry_injected_attention():
     assert tuple(img[15, 15]) == (0, 0, 0)  # no tile there: the thumbnail shows through
 
 
-def test_bad_model_folder_is_one_sentence(tmp_path):
+def test_bad_model_folder_is_one_sentence(tmp_path, trained):
+    import shutil
+
     from raypath.predict.model import load_final_model
 
     with pytest.raises(RaypathError, match="not a saved raypath model .*raypath mil --final"):
         load_final_model(str(tmp_path))
+    bad = tmp_path / "bad"
+    shutil.copytree(trained[2], bad)
+    (bad / "model.json").write_text("{not json")
+    with pytest.raises(RaypathError, match="damaged or incomplete .*model.json"):
+        load_final_model(str(bad))
+    (bad / "model.json").write_text(json.dumps({"task": "survival"}))
+    with pytest.raises(RaypathError, match="damaged or incomplete"):
+        load_final_model(str(bad))
+    shutil.copy(Path(trained[2]) / "model.json", bad / "model.json")
+    (bad / "head.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RaypathError, match="head.safetensors does not fit"):
+        load_final_model(str(bad))

@@ -86,7 +86,18 @@ def embed_command(meta: FinalModel, workdir: str) -> str:
         cmd += f" --weights <weights file with sha256 {sha[:12]}...>"
     if ident.get("adapter_sha256"):
         cmd += f" --adapter <adapter folder with sha256 {ident['adapter_sha256'][:12]}...>"
+    mode = decode_mode(meta)
+    if mode != "full":
+        cmd += f" --decode {mode}"
     return cmd
+
+
+def decode_mode(meta: FinalModel) -> str:
+    """The ``raypath embed --decode`` mode the model's features were made with."""
+    from raypath.embed.identity import decode_id
+
+    recorded = meta.identity.get("decode")
+    return next((m for m in ("full", "scaled", "gpu") if decode_id(m) == recorded), "full")
 
 
 def match_features(cfg: PredictConfig, meta: FinalModel) -> str:
@@ -121,7 +132,7 @@ def match_features(cfg: PredictConfig, meta: FinalModel) -> str:
 def prepare_raw(cfg: PredictConfig, meta: FinalModel) -> str:
     """``--cohort``: ingest, tile and embed the raw slides the way the model's features were made."""
     from raypath.embed.api import EmbedConfig, embed
-    from raypath.embed.identity import check_identity, derive_identity
+    from raypath.embed.identity import check_identity, derive_identity, store_identity
     from raypath.wsi.ingest import IngestConfig, ingest
     from raypath.wsi.tiling import TileConfig, tile
 
@@ -130,14 +141,22 @@ def prepare_raw(cfg: PredictConfig, meta: FinalModel) -> str:
     if not model:
         raise RaypathError(f"model {cfg.model!r} records no feature identity: predict needs --features instead of --cohort")
     weights = cfg.weights or (ident.get("weights_sha256") if str(ident.get("weights_sha256", "")).startswith("random") else None)
+    if weights is None:
+        raise RaypathError(f"predict --cohort needs --weights: the FM weights the model was trained on "
+                           f"(sha256 {str(ident.get('weights_sha256'))[:12]}...)")
     check_identity(derive_identity(model, weights, cfg.adapter),
                    {k: ident[k] for k in ("model", "weights_sha256", "adapter_sha256") if k in ident}, "--weights/--adapter",
                    "pass the FM weights (--weights) and adapter (--adapter) the model was trained with")
     ingest(IngestConfig(workdir=cfg.workdir, cohort=cfg.cohort))
     tkw = {k: tiling[k] for k in ("target_mpp", "tile_px") if isinstance(tiling.get(k), (int, float))}
     tile(TileConfig(workdir=cfg.workdir, **tkw))
-    res = embed(EmbedConfig(workdir=cfg.workdir, model=model, weights=weights, adapter=cfg.adapter))
-    return str(res.feature_dir)
+    res = embed(EmbedConfig(workdir=cfg.workdir, model=model, weights=weights, adapter=cfg.adapter,
+                            decode=decode_mode(meta)))
+    folder = str(res.feature_dir)
+    have = store_identity(folder)
+    if have is not None:  # what was just embedded must be what the model was trained on
+        check_identity(have, expected_identity(meta), folder, f"make matching features with `{embed_command(meta, cfg.workdir)}`")
+    return folder
 
 
 # --------------------------------------------------------------------------- scoring
@@ -213,12 +232,14 @@ def _slides(workdir: str, slide_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFr
 
 def predict(cfg: PredictConfig) -> PredictResult:
     """Apply the model at ``cfg.model`` to the slides of ``cfg.workdir`` (see the module docstring)."""
+    from raypath.embed.identity import check_store
     from raypath.embed.store import FeatureStore
     from raypath.predict.outputs import write_outputs
 
     meta, module = load_final_model(cfg.model)
     feature_dir = prepare_raw(cfg, meta) if cfg.cohort else match_features(cfg, meta)
     slides, failed = _slides(cfg.workdir, FeatureStore(feature_dir).slide_ids())
+    check_store(feature_dir, slides=slides)  # features made from other slide files than slides.parquet lists
     for row in failed.itertuples():
         log.warning("slide %s not scored: %s", row.slide_id, row.reason)
     if len(slides) == 0:
@@ -233,8 +254,11 @@ def predict(cfg: PredictConfig) -> PredictResult:
     name = cfg.run or f"predict-{cfg.model.rstrip('/').split('/')[-1]}"
     run_dir = join(cfg.workdir, "runs", name)
     metrics = write_outputs(cfg, meta, run_dir, pred, att, failed, slides)
-    if int(pred["trained_on"].sum()):
-        log.warning("%d slide(s) belong to patients the model was trained on (column trained_on)", int(pred["trained_on"].sum()))
+    n_seen = int(pred["trained_on"].sum())
+    if n_seen:
+        log.warning("%d of %d slide(s) belong to patient ids the model was trained on (column trained_on; left out of "
+                    "the metrics)%s", n_seen, len(pred), "; if this cohort is new, its patient ids collide with the "
+                    "training cohort's: give it its own ids" if n_seen > len(pred) / 2 else "")
     return PredictResult(run_dir, pred, metrics, failed)
 
 

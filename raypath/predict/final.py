@@ -87,7 +87,7 @@ def fit_final(cfg, name: str | None = None, risk_quantiles: list[float] | None =
     if any(not 0 < q < 1 for q in quantiles):
         raise RaypathError(f"--risk-quantiles {quantiles} must lie strictly between 0 and 1 (e.g. 0.5)")
     feature_dir, store, clinical = _training_data(cfg)
-    state, scores, params, in_dim = _fit(cfg, store, clinical)
+    state, _scores, params, in_dim = _fit(cfg, store, clinical)
     ident = store_identity(feature_dir)
     classes = sorted(clinical["label"].unique().tolist(), key=str) if cfg.task == "classification" else None
     meta = FinalModel(
@@ -95,11 +95,16 @@ def fit_final(cfg, name: str | None = None, risk_quantiles: list[float] | None =
         out_dim=_out_dim(params, clinical, cfg.task),
         head_kwargs=dict(params.model_kwargs), classes=[str(c) for c in classes] if classes else None,
         identity=ident.to_dict() if ident is not None else {}, feature_dir=feature_dir,
-        risk_quantiles=quantiles, cutoffs=_cutoffs(clinical, scores, cfg.task, quantiles),
+        risk_quantiles=quantiles, cutoffs=[],
         trained_patients=sorted(clinical["patient_id"].astype(str).unique().tolist()),
         trained_slides=clinical["slide_id"].astype(str).tolist(),
         config=cfg.to_dict() if hasattr(cfg, "to_dict") else cfg.model_dump(),
     )
+    if cfg.task == "survival":  # cut-offs on the scale predict uses: every tile, fp32 (not the training subsample)
+        from raypath.predict.api import score_slides
+
+        pred, _ = score_slides(meta, state, feature_dir, meta.trained_slides)
+        meta.cutoffs = _cutoffs(clinical, pred["risk"].to_numpy(), cfg.task, quantiles)
     model_dir = join(cfg.workdir, "models", name or f"{cfg.run_name()}-final")
     save_final_model(model_dir, meta, state)
     log.info("final model (%d slides, %d patients) saved to %s", len(clinical), len(meta.trained_patients), model_dir)

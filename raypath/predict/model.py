@@ -89,14 +89,23 @@ def load_final_model(model_dir: str):
             f"{model_dir!r} is not a saved raypath model (no {META_FILE} / {WEIGHTS_FILE}): train one with "
             "`raypath mil --final --workdir W --features F`"
         )
-    with open_file(meta_uri, "rb") as f:
-        doc: dict[str, Any] = json.load(f)
-    known = set(FinalModel.__dataclass_fields__)
-    meta = FinalModel(**{k: v for k, v in doc.items() if k in known})
+    damaged = f"{model_dir!r} holds a damaged or incomplete saved model"
+    remedy = "save it again with `raypath mil --final`"
+    try:
+        with open_file(meta_uri, "rb") as f:
+            doc: dict[str, Any] = json.load(f)
+        known = set(FinalModel.__dataclass_fields__)
+        meta = FinalModel(**{k: v for k, v in doc.items() if k in known})
+    except (ValueError, TypeError, AttributeError) as e:
+        raise RaypathError(f"{damaged} ({META_FILE}: {e}): {remedy}") from None
     if meta.format > FORMAT:
         raise RaypathError(f"{model_dir!r} was written by a newer raypath (format {meta.format}): upgrade raypath")
     module = meta.build()
-    with open_file(weights_uri, "rb") as f:
-        module.load_state_dict(load(f.read()))
+    try:
+        with open_file(weights_uri, "rb") as f:
+            module.load_state_dict(load(f.read()))
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
+        raise RaypathError(f"{damaged} ({WEIGHTS_FILE} does not fit {meta.head} {meta.in_dim}->{meta.out_dim}: "
+                           f"{str(e).splitlines()[0][:160]}): {remedy}") from None
     module.eval()
     return meta, module
