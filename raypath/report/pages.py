@@ -364,6 +364,8 @@ def report(path: str, compare_to: str | None = None, out: str | None = None,
         return [uri]
     if any(folder.isdir(k) for k in I.KINDS) or folder.exists("slides.parquet"):
         return write_index_report(path, s3)
+    if I.classify(folder)[0] == "patch" and folder.exists(REPORT_FILE) and not out:
+        return [join(path, REPORT_FILE)]  # the patch benchmark writes its own page
     uri = out or join(path, REPORT_FILE)
     atomic_write_bytes(uri, render_run(path, s3).encode(), s3)
     return [uri]
