@@ -68,6 +68,9 @@ def verdict(doc: dict, best_no: str) -> str:
     counts = (f"{n} trial{'s' if n != 1 else ''}: {doc.get('n_complete', 0)} complete, "
               f"{doc.get('n_stopped', 0)} stopped early, {doc.get('n_failed', 0)} failed")
     best = doc.get("best")
+    if not best and doc.get("n_complete"):
+        return (f"No trial has a finite objective, so there is no best configuration ({counts}): every fold's "
+                "score was undefined (for example too few comparable pairs for a C-index on a small study).")
     if not best:
         return f"No trial finished every fold, so there is no best configuration yet ({counts})."
     objs = ", ".join(f"{objective_label(k)} {num(v)}" for k, v in (best.get("objectives") or {}).items())
@@ -108,6 +111,7 @@ def context(folder: Folder, doc: dict) -> dict[str, Any]:
         "commands": best.get("commands") or [],
         "objectives": objectives, "objective_labels": [objective_label(o) for o in objectives],
         "param_cols": param_cols, "trials": rows,
+        "any_score": any(is_number(v) for r in rows for v in r["objectives"]),
         "importance": importances(folder, int(doc.get("n_complete") or 0)),
         "optuna_db": db,
         "study_name": doc.get("name", folder.name),
