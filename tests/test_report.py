@@ -159,3 +159,34 @@ def test_run_report_skips_binary_files_named_json(tmp_path):
     (run / "tune" / "search_gen_state.json").write_bytes(b"\x80\x04\x95binary")
     html = render_run(str(run))
     assert "sweep.json" in html and "search_gen_state" not in html
+
+
+def test_sweep_page_leads_with_the_best_trial(tmp_path):
+    """Best trial numbered as in trials.csv, its reproduce command, failures with their reason,
+    importances hidden below 10 complete trials, nothing of Tune's state."""
+    from raypath.report.pages import render_run
+
+    sw = tmp_path / "sweeps" / "s1"
+    (sw / "tune").mkdir(parents=True)
+    (sw / "tune" / "experiment_state.json").write_text('{"tune_internal_marker": 1}')
+    best = {"trial_id": "bbbb2222", "objectives": {"mean_external": 0.81, "worst_external": 0.7},
+            "metrics": {"worst_cohort": "c2"}, "params": {"mil.lr": 0.00125, "mil.model": "abmil"},
+            "commands": ["raypath mil --config sweeps/s1/best/mil.yaml"]}
+    (sw / "sweep.json").write_text(json.dumps({
+        "name": "s1", "kind": "mil", "objectives": [{"metric": "mean_external", "mode": "max"},
+                                                    {"metric": "worst_external", "mode": "max"}],
+        "held_out_cohorts": ["c0", "c1", "c2"], "n_trials": 3, "n_complete": 2, "n_stopped": 0, "n_failed": 1,
+        "best": best}))
+    (sw / "trials.csv").write_text(
+        "trial_id,trial_index,status,error,folds_done,mean_external,worst_external,param:mil.lr,param:mil.model,pareto\n"
+        "aaaa1111,1.0,complete,,3,0.7,0.6,0.01,clam,False\n"
+        "bbbb2222,2.0,complete,,3,0.81,0.7,0.00125,abmil,True\n"
+        "cccc3333,3.0,error,ValueError: out of memory,0,,,0.1,abmil,False\n")
+    (sw / "param_importances.json").write_text('{"mil.lr": 0.9, "mil.model": 0.1}')
+    html = render_run(str(sw))
+    answer = html[html.index('id="answer"'):html.index("</section>")]
+    assert "Best trial #2 (bbbb2222)" in answer and "raypath mil --config sweeps/s1/best/mil.yaml" in answer
+    assert "0.00125" in answer  # parameters with their significant digits
+    assert "ValueError: out of memory" in html and "status-error" in html
+    assert "need at least 10 complete trials" in html and "<th>mil.lr</th><td class=\"num\">0.900" not in html
+    assert "tune_internal_marker" not in html and "experiment_state" not in html
