@@ -44,6 +44,8 @@ def test_clinical_table_keeps_ids_that_look_like_numbers(tmp_path, sep, suffix):
     cfg = MilConfig(workdir=str(tmp_path), features="synth", clinical=str(path), protocol="lodo",
                     cohorts=["site0"], run=f"clin-{suffix}", **FAST)
     assert load_clinical(cfg, ids)["slide_id"].tolist() == clin["slide_id"].tolist()  # no slide dropped
+    if suffix == "tsv":
+        return  # the same rows: one MIL run is enough
     res = run_mil(cfg)
     ext = res.predictions[res.predictions["split"] == "external"]
     assert sorted(ext["slide_id"]) == sorted(clin.slide_id[clin.cohort == "site0"])
