@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raypath.config import StageConfig
 from raypath.errors import RaypathError
@@ -55,6 +55,16 @@ class SweepConfig(StageConfig):
         description="kind mil: feature folder or model key under <workdir>/features (overrides the sweep "
         "file's `features`; default: the only store there)",
     )
+
+    @field_validator("workdir", "space")
+    @classmethod
+    def _absolute(cls, v):
+        """Trials run in another directory: a relative local path is resolved here, once."""
+        import os
+
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v):
+            return os.path.abspath(v)
+        return v
 
 
 # --------------------------------------------------------------------------- inputs
