@@ -166,8 +166,9 @@ def test_augment_preview_cli_writes_png(tmp_path, cmu_slide):
     rc = main(["augment-preview", "--out", str(out), "--strengths", "weak", "0.5", "max", "--n-tiles", "1", "--n-views", "2", "--view-px", "48"])
     assert rc == 0
     im = Image.open(out)
-    assert im.size == (3 * 48 + 2 * 2, 3 * 48 + 2 * 4)
+    left, top = 150, 24  # row and column labels (augment.label_grid)
+    assert im.size == (left + 3 * 48 + 2 * 2, top + 3 * 48 + 2 * 4)
     out2 = tmp_path / "slide.png"
     assert main(["augment-preview", "--out", str(out2), "--slide", str(cmu_slide), "--strengths", "heavy", "--n-tiles", "2", "--n-views", "1", "--view-px", "32"]) == 0
-    assert Image.open(out2).size == (2 * 32 + 2, 2 * 32)
+    assert Image.open(out2).size == (left + 2 * 32 + 2, top + 2 * 32)
     assert main(["augment-preview", "--out", str(out2), "--strengths", "bogus"]) == 2

@@ -48,7 +48,8 @@ def test_outputs_and_table_contract(study):
     out, table = study
     written = pd.read_csv(out / "cohort.csv")
     assert list(written.columns[: len(COHORT_COLUMNS)]) == COHORT_COLUMNS
-    assert all(c in COHORT_COLUMNS or c.startswith("true_") for c in written.columns)
+    # the documented optional label_name column (README, "The cohort table") names the label's classes
+    assert all(c in COHORT_COLUMNS + ["label_name"] or c.startswith("true_") for c in written.columns)
     assert written["slide_id"].is_unique
     # URIs are relative to the table's folder and point at the written slides
     assert not any(u.startswith("/") for u in written["uri"])
