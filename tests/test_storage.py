@@ -88,3 +88,13 @@ def test_feature_dir_resolution_by_registry_key(tmp_path):
     with pytest.raises(RaypathError, match="no unique feature store"):
         resolve_feature_dir(wd, None)
     assert resolve_feature_dir(wd, "./x/") == "./x"
+
+
+def test_a_damaged_parquet_table_is_one_sentence(tmp_path):
+    from raypath.errors import RaypathError
+    from raypath.io.storage import read_parquet
+
+    bad = tmp_path / "slides.parquet"
+    bad.write_bytes(b"PAR1 cut short")
+    with pytest.raises(RaypathError, match="slides.parquet is not a readable parquet table .* re-run the step"):
+        read_parquet(str(bad))

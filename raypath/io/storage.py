@@ -291,16 +291,26 @@ def write_parquet_atomic(table, uri: str, s3: S3Options | None = None) -> None:
 
 
 def read_parquet(uri: str, s3: S3Options | None = None, **kw: Any):
-    """Read a parquet file or dataset directory (local or remote) into a pyarrow Table."""
+    """Read a parquet file or dataset directory (local or remote) into a pyarrow Table.
+
+    A file that is not parquet (cut short, overwritten) raises a one-sentence
+    :class:`RaypathError` naming it, not pyarrow's traceback."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if is_remote(uri):
-        fs = filesystem_for(uri, s3)
-        if fs.isdir(uri):  # a dataset directory (e.g. tiles.parquet/ of per-slide parts)
-            return pq.read_table(strip_protocol(uri), filesystem=fs, **kw)
-        with open_file(uri, "rb", s3) as f:
-            return pq.read_table(f, **kw)
-    return pq.read_table(strip_protocol(uri), **kw)
+    try:
+        if is_remote(uri):
+            fs = filesystem_for(uri, s3)
+            if fs.isdir(uri):  # a dataset directory (e.g. tiles.parquet/ of per-slide parts)
+                return pq.read_table(strip_protocol(uri), filesystem=fs, **kw)
+            with open_file(uri, "rb", s3) as f:
+                return pq.read_table(f, **kw)
+        return pq.read_table(strip_protocol(uri), **kw)
+    except pa.ArrowInvalid as e:
+        from raypath.errors import RaypathError
+
+        raise RaypathError(f"{uri} is not a readable parquet table ({str(e).splitlines()[0][:160]}): re-run the "
+                           "step that writes it (it is written atomically, so a damaged copy came from elsewhere)") from None
 
 
 def redact(value: Any) -> Any:
