@@ -132,6 +132,9 @@ def mil_rows(before_doc: dict | None, after_doc: dict | None, metric_label: str)
 
 
 def experiment_verdict(doc: dict, paired: tuple[float, float, int] | None, comp: dict | None) -> str:
+    from raypath.report.mil import metric_label
+
+    label = metric_label(((doc.get("mil") or {}).get("before") or {}).get("metric") or "c_index")
     parts = []
     if comp:
         d = comp.get("delta", {}).get("site_probe_balanced_accuracy", {})
@@ -142,7 +145,7 @@ def experiment_verdict(doc: dict, paired: tuple[float, float, int] | None, comp:
     mil = doc.get("mil") or {}
     mb, ma = (mil.get("before") or {}).get("mean"), (mil.get("after") or {}).get("mean")
     if is_number(mb) and is_number(ma):
-        parts.append(f"the mean held-out-cohort score from {num(mb)} to {num(ma)}")
+        parts.append(f"the mean held-out-cohort {label} from {num(mb)} to {num(ma)}")
     text = "After adaptation " + " and ".join(parts) + "." if parts else "The experiment has no results yet."
     if comp and any(r["delta_ci"] for r in R.comparison_rows(comp)):
         text += "  Robustness: " + R.comparison_verdict(comp)[0].lower() + R.comparison_verdict(comp)[1:]
@@ -200,7 +203,7 @@ def experiment_context(folder: Folder, doc: dict) -> dict[str, Any]:
     from raypath.report.mil import headline_rows, metric_label, notes
 
     label = metric_label((mil.get("before") or {}).get("metric") or "c_index")
-    why = [f"before, {n}" for n in notes(headline_rows(before_doc))] if before_doc else []
+    why = [f"before, {n}" for n in notes(headline_rows(before_doc)) if " external:" in n] if before_doc else []
     adapters = _adapters(doc)
     curves = {a: (workdir.sub(f"adapters/{a}").json_or_none("metrics.json") or {}).get("epochs") or []
               for a in adapters.values()}
