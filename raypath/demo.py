@@ -45,8 +45,8 @@ class DemoConfig(StageConfig):
     mil_epochs: int = Field(20, description="ABMIL epochs per fold")
     mil_repeats: int = Field(2, description="repeats over seeds per protocol")
     adapt_folds: int = Field(
-        1, ge=0, description="leave-one-dataset-out folds of the DoRA before/after experiment, each with its own "
-        "adapter (0 = skip the adaptation step; `raypath adapt-experiment` runs every fold)")
+        3, ge=0, description="leave-one-dataset-out folds of the DoRA before/after experiment, each with its own "
+        "adapter tuned only on that fold's training cohorts (0 = skip the adaptation step; --small: at most 1)")
     adapt_epochs: int = Field(2, ge=1, description="DINO epochs of each demo adapter")
     small: bool = Field(False, description="a smaller, faster study (tests, cluster smoke runs)")
     sweep: bool = Field(False, description="also run a CPU-sized Ray Tune + Optuna MIL sweep (nested LODO)")
@@ -105,7 +105,7 @@ def _scaled(cfg: DemoConfig) -> DemoConfig:
         return cfg
     return cfg.model_copy(update=dict(slides_per_cohort=min(cfg.slides_per_cohort, 5), slide_px=min(cfg.slide_px, 1024),
                                       mil_epochs=min(cfg.mil_epochs, 8), mil_repeats=1,
-                                      adapt_epochs=min(cfg.adapt_epochs, 1)))
+                                      adapt_epochs=min(cfg.adapt_epochs, 1), adapt_folds=min(cfg.adapt_folds, 1)))
 
 
 def _study_location(cfg: DemoConfig, workdir: str):

@@ -76,7 +76,8 @@ def demo(tmp_path_factory, ray_session, s3_server):
         mp.setenv("HF_TOKEN", SECRET)  # must reach no page, config or tracking store
         with demo_log(log_path):
             summary = run_demo(DemoConfig(workdir=str(tmp / "wd"), bucket=bucket, n_cohorts=3, slides_per_cohort=4,
-                                          slide_px=1024, mil_epochs=3, mil_repeats=1, adapt_epochs=1))
+                                          slide_px=1024, mil_epochs=3, mil_repeats=1, adapt_epochs=1,
+                                          adapt_folds=1))
     return summary, log_path.read_text()
 
 
