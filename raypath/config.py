@@ -152,7 +152,8 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 #: help sections, in the order ``--help`` shows them
-HELP_GROUPS = ("inputs and outputs", "model", "training", "evaluation", "Ray resources", "other options")
+HELP_GROUPS = ("inputs and outputs", "generated study", "model", "training", "evaluation", "demo steps",
+               "Ray resources", "other options")
 
 #: where a field's flag is listed, by name (first match wins); a field may name its
 #: section itself: ``Field(..., json_schema_extra={"group": "training"})``

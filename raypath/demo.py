@@ -29,12 +29,15 @@ from raypath.io.storage import atomic_write_bytes, is_remote, join, makedirs
 log = logging.getLogger(__name__)
 
 
+_STUDY, _STEPS = {"group": "generated study"}, {"group": "demo steps"}  # --help sections
+
+
 class DemoConfig(StageConfig):
     workdir: str = Field("demo_out", description="folder or s3:// prefix for all outputs (s3:// on multi-node clusters)")
-    n_cohorts: int = Field(3, description="cohorts (sites) in the generated study")
-    slides_per_cohort: int = Field(12, description="slides per cohort")
-    slide_px: int = Field(2048, description="level-0 side of each generated slide, px")
-    texture: Literal["synthetic", "real"] = Field("synthetic", description="tissue texture")
+    n_cohorts: int = Field(3, description="cohorts (sites) in the generated study", json_schema_extra=_STUDY)
+    slides_per_cohort: int = Field(12, description="slides per cohort", json_schema_extra=_STUDY)
+    slide_px: int = Field(2048, description="level-0 side of each generated slide, px", json_schema_extra=_STUDY)
+    texture: Literal["synthetic", "real"] = Field("synthetic", description="tissue texture", json_schema_extra=_STUDY)
     seed: int = Field(0, description="seed of the study and of every stage")
     s3: bool = Field(True, description="put slides on the embedded S3 endpoint (else local disk)")
     bucket: str | None = Field(
@@ -42,18 +45,21 @@ class DemoConfig(StageConfig):
     )
     model: str = Field("tiny-vit", description="registry key of the feature extractor")
     weights: str | None = Field(None, description="weights file/folder for --model (tiny models may be random)")
-    mil_epochs: int = Field(20, description="ABMIL epochs per fold")
-    mil_repeats: int = Field(2, description="repeats over seeds per protocol")
+    mil_epochs: int = Field(20, description="ABMIL epochs per fold", json_schema_extra=_STEPS)
+    mil_repeats: int = Field(2, description="repeats over seeds per protocol", json_schema_extra=_STEPS)
     adapt_folds: int = Field(
         3, ge=0, description="leave-one-dataset-out folds of the DoRA before/after experiment, each with its own "
-        "adapter tuned only on that fold's training cohorts (0 = skip the adaptation step; --small: at most 1)")
-    adapt_epochs: int = Field(2, ge=1, description="DINO epochs of each demo adapter")
-    small: bool = Field(False, description="a smaller, faster study (tests, cluster smoke runs)")
-    sweep: bool = Field(False, description="also run a CPU-sized Ray Tune + Optuna MIL sweep (nested LODO)")
+        "adapter tuned only on that fold's training cohorts (0 = skip the adaptation step; --small: at most 1)",
+        json_schema_extra=_STEPS)
+    adapt_epochs: int = Field(2, ge=1, description="DINO epochs of each demo adapter", json_schema_extra=_STEPS)
+    small: bool = Field(False, description="a smaller, faster study (tests, cluster smoke runs)",
+                        json_schema_extra=_STEPS)
+    sweep: bool = Field(False, description="also run a CPU-sized Ray Tune + Optuna MIL sweep (nested LODO)",
+                        json_schema_extra=_STEPS)
     sweep_space: str = Field(
         "sweeps/examples/mil_small.yaml", description="sweep YAML for --sweep (relative to the repository or cwd)"
-    )
-    sweep_samples: int = Field(4, description="trials of the --sweep step")
+    , json_schema_extra=_STEPS)
+    sweep_samples: int = Field(4, description="trials of the --sweep step", json_schema_extra=_STEPS)
 
 
 class _Steps:
