@@ -69,14 +69,18 @@ def adapter_context(folder: Folder) -> dict[str, Any]:
     first, last = (epochs[0], epochs[-1]) if epochs else ({}, {})
     method = str(info.get("method", "adapter")).upper()
     targets = ", ".join(info.get("target_modules") or [])
-    verdict = (f"{method} r={info.get('rank', '?')} on {targets or '?'} of {info.get('model', '?')}: "
-               f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''}")
+    seen = folder.json_or_none("tuned_on.json") or {}
+    verdict = (f"{method} r={info.get('rank', '?')} on {targets or '?'} of {info.get('model', '?')}"
+               + (f", tuned on {', '.join(seen['cohorts'])} only" if seen.get("cohorts") else "")
+               + f": {len(epochs)} epoch{'s' if len(epochs) != 1 else ''}")
     if epochs:
         verdict += (f"; loss {num(first.get('loss'))} \u2192 {num(last.get('loss'))}, teacher entropy "
                     f"{num(first.get('teacher_entropy'))} \u2192 {num(last.get('teacher_entropy'))} nats.")
+    tuned_on = (f"{len(seen.get('slide_ids') or [])} slides of {', '.join(seen.get('cohorts') or [])} "
+                f"({seen.get('n_tiles', '?')} tiles)" if seen.get("cohorts") else None)
     summary = {"model": info.get("model"), "weights": info.get("weights"), "method": info.get("method"),
                "rank r": info.get("rank"), "alpha": info.get("alpha"), "target modules": targets or None,
-               "epochs": len(epochs), "objective": info.get("objective")}
+               "tuned on": tuned_on, "epochs": len(epochs), "objective": info.get("objective")}
     return {"title": f"Adapter {folder.name}", "subtitle": "DINO self-distillation under stain/scanner "
             "augmentation; the teacher's adapter is what `raypath embed --adapter` uses",
             "verdict": verdict, "summary": {k: v for k, v in summary.items() if v is not None},
