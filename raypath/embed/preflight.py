@@ -41,9 +41,9 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             f"--weights {str(path)!r} cannot be loaded as a checkpoint ({type(e).__name__}: {str(e)[:160]}); "
             "download it again, or convert it to .safetensors / a plain state_dict"
         ) from None
-    for key in ("state_dict", "model", "teacher", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
+    from raypath.fm.backbone import unwrap_checkpoint
+
+    obj = unwrap_checkpoint(obj)
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
         raise RaypathError(f"--weights {str(path)!r} holds a {type(obj).__name__}, not a state_dict of tensors; "
                            "pass the model's checkpoint (a state_dict or .safetensors)")

@@ -305,6 +305,14 @@ def _weight_files_in(folder: Path) -> list[Path]:
     return found
 
 
+def unwrap_checkpoint(obj):
+    """The state_dict inside a training checkpoint (``state_dict``/``model``/``teacher``/``module`` keys)."""
+    for key in ("state_dict", "model", "teacher", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    return obj
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -317,9 +325,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"cannot load weights {str(path)!r} safely ({type(e).__name__}: {e}); "
             "convert the checkpoint to .safetensors or save a plain state_dict"
         ) from e
-    for key in ("state_dict", "model", "teacher", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
+    obj = unwrap_checkpoint(obj)
     if not isinstance(obj, dict):
         raise RaypathError(f"weights file {str(path)!r} holds a {type(obj).__name__}, not a state_dict")
     return obj

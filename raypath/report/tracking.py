@@ -23,7 +23,7 @@ Never fatal
 Browse it (the UI needs the full ``mlflow`` package, e.g. in its own
 environment)::
 
-    mlflow ui --backend-store-uri sqlite:///$PWD/work/mlruns.db
+    mlflow ui --backend-store-uri sqlite:///$PWD/<workdir>/mlruns.db
 """
 
 from __future__ import annotations
