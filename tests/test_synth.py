@@ -326,3 +326,19 @@ def test_beer_lambert_round_trip_of_the_real_image():
     # a site with stronger haematoxylin makes the same tissue darker/bluer
     strong = texture.beer_lambert_rgb(conc, texture.StainParams(white_rgb=(1.0, 1.0, 1.0), conc_scale=(1.3, 1.0)))
     assert strong[..., 0].mean() < out[..., 0].mean() - 5
+
+
+def test_id_prefix_keeps_studies_apart_and_mixed_texture_alternates(tmp_path):
+    """A later cohort generated with another seed gets ids of its own (predict flags training patients by id)."""
+    kw = dict(n_cohorts=2, slides_per_cohort=2, slide_px=384, pair_fraction=0.5)
+    a = synthesize(SynthConfig(out=str(tmp_path / "a"), seed=1, **kw))
+    b = synthesize(SynthConfig(out=str(tmp_path / "b"), seed=2, id_prefix="ext-", texture="mixed", **kw))
+    for col in ("slide_id", "patient_id", "cohort"):
+        assert set(a[col]).isdisjoint(b[col]), col
+        assert b[col].str.startswith("ext-").all(), col
+    assert b["pair_id"].dropna().str.startswith("ext-pair").all() and b["pair_id"].notna().any()
+    assert (tmp_path / "b" / b["uri"].iloc[0]).exists()
+    originals = b[b["true_variant_of"].isna()]
+    assert set(originals["true_texture"]) == {"real", "synthetic"}
+    with pytest.raises(ValueError):
+        SynthConfig(out=str(tmp_path / "c"), id_prefix="bad prefix/")

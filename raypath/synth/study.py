@@ -102,7 +102,12 @@ class SynthConfig(StageConfig):
     pair_fraction: float = Field(
         0.0, ge=0, le=1, description="fraction of tissues re-rendered under another cohort's site (pair_id)"
     )
-    texture: Literal["synthetic", "real"] = Field("synthetic", description="tissue texture")
+    texture: Literal["synthetic", "real", "mixed"] = Field(
+        "synthetic", description="tissue texture (mixed: every other tissue real, the rest synthetic)")
+    id_prefix: str = Field(
+        "", pattern=r"^[A-Za-z0-9_.-]*$",
+        description="prefix of every cohort, slide, patient and pair id (keeps ids of studies made with "
+        "other seeds apart, e.g. a later external cohort: --id-prefix ext-)")
     tissue_fraction: float = Field(0.45, gt=0, lt=1, description="mean fraction of the slide covered by tissue")
     n_blank_slides: int = Field(0, ge=0, description="extra slides with no tissue (glass only), in cohort 0")
     pen_fraction: float = Field(0.0, ge=0, le=1, description="fraction of tissues with a pen mark")
@@ -147,8 +152,8 @@ _SITE, _PATIENT, _TISSUE, _PAIR, _SURV, _STUDY = 1, 2, 3, 4, 5, 6
 # --------------------------------------------------------------------------- sites
 
 
-def cohort_name(c: int) -> str:
-    return f"c{c}"
+def cohort_name(c: int, prefix: str = "") -> str:
+    return f"{prefix}c{c}"
 
 
 def make_sites(cfg: SynthConfig) -> list[dict[str, Any]]:
@@ -191,7 +196,7 @@ def make_sites(cfg: SynthConfig) -> list[dict[str, Any]]:
         objective = cfg.objective[c % len(cfg.objective)]
         sites.append(
             {
-                "cohort": cohort_name(c),
+                "cohort": cohort_name(c, cfg.id_prefix),
                 "scanner": f"synthscope-{chr(ord('A') + c)}",
                 "objective": objective,
                 "mpp": 10.0 / objective,
@@ -331,6 +336,13 @@ def _phenotypes(cfg: SynthConfig, patients: list[dict[str, Any]]) -> dict[tuple[
     return pheno_of
 
 
+def _texture_of(texture: str, n_tissue: int) -> str:
+    """The texture of the ``n_tissue``-th tissue (1-based): mixed alternates real and synthetic."""
+    if texture != "mixed":
+        return texture
+    return "real" if n_tissue % 2 else "synthetic"
+
+
 def _slide_rows(cfg: SynthConfig, rows: list[dict[str, Any]], pheno_of: dict, sites: list[dict]) -> list[dict[str, Any]]:
     """One cohort-table row per slide (truth and private render columns included)."""
     height_px = cfg.slide_height_px or cfg.slide_px
@@ -348,14 +360,14 @@ def _slide_rows(cfg: SynthConfig, rows: list[dict[str, Any]], pheno_of: dict, si
         c = r["c"]
         site = sites[c]
         ph = pheno_of[(c, r["p"])]
-        slide_id = f"c{c}_{'b' if r['blank'] else 's'}{r['i']:03d}"
+        slide_id = f"{cfg.id_prefix}c{c}_{'b' if r['blank'] else 's'}{r['i']:03d}"
         trng = _rng(cfg.seed, _TISSUE, c, r["i"])
         tf = 0.0 if r["blank"] else float(np.clip(cfg.tissue_fraction + trng.uniform(-0.1, 0.1), 0.05, 0.9))
         table.append(
             {
                 "slide_id": slide_id,
                 "uri": f"slides/{slide_id}.svs",
-                "patient_id": f"c{c}_p{r['p']:03d}",
+                "patient_id": f"{cfg.id_prefix}c{c}_p{r['p']:03d}",
                 "cohort": site["cohort"],
                 "time": round(ph["time"], 3),
                 "event": ph["event"],
@@ -376,7 +388,7 @@ def _slide_rows(cfg: SynthConfig, rows: list[dict[str, Any]], pheno_of: dict, si
                 "true_variant_of": None,
                 "true_objective": site["objective"],
                 "true_mpp": site["mpp"],
-                "true_texture": "blank" if r["blank"] else cfg.texture,
+                "true_texture": "blank" if r["blank"] else _texture_of(cfg.texture, n_tissue),
                 "_tissue_key": (c, r["i"]),
                 "_site": c,
                 "_width_um": cfg.slide_px * site["mpp"],
@@ -401,10 +413,10 @@ def _add_technical_variants(cfg: SynthConfig, table: list[dict[str, Any]], sites
             orig = mine[idx]
             dest = int((c + 1 + prng.integers(cfg.n_cohorts - 1)) % cfg.n_cohorts)
             site = sites[dest]
-            pid = f"pair{pair_no:03d}"
+            pid = f"{cfg.id_prefix}pair{pair_no:03d}"
             pair_no += 1
             orig["pair_id"] = pid
-            vid = f"c{dest}_v{n_var[dest]:03d}"
+            vid = f"{cfg.id_prefix}c{dest}_v{n_var[dest]:03d}"
             n_var[dest] += 1
             var = dict(orig)
             var.update(
