@@ -179,6 +179,15 @@ def _synth_study(cfg: PatchConfig) -> str:
     return join(out, "annotations.json")
 
 
+def source_name(cfg: PatchConfig) -> str:
+    """The flag and value the patches come from, for error messages (``--image-folder imgs``)."""
+    for flag, value in (("--patches", cfg.patches), ("--annotations", cfg.annotations),
+                        ("--image-folder", cfg.image_folder), ("--tiles-label", cfg.tiles_label)):
+        if value:
+            return f"{flag} {value}"
+    return f"--synth ({join(cfg.workdir, 'mitosis_study')})"
+
+
 def load_patch_table(cfg: PatchConfig, s3: S3Options | None = None) -> pd.DataFrame:
     """The validated patch table of ``cfg``'s source."""
     from raypath.patch import builders
@@ -260,10 +269,12 @@ def _done(run_dir: str, key: str, results_key: str) -> dict | None:
 def prepare(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     """Table, split, patch cache, classes and (lazily) features: everything fits share."""
     from raypath.patch.images import Geometry, build_patch_cache, default_cache_dir, source_fingerprints
-    from raypath.patch.protocols import assign_splits
+    from raypath.patch.protocols import assign_splits, check_training_counts
 
     table = load_patch_table(cfg, s3)
-    split = assign_splits(table, cfg.test_fraction, cfg.val_fraction, cfg.split_seed)
+    source = source_name(cfg)
+    split = assign_splits(table, cfg.test_fraction, cfg.val_fraction, cfg.split_seed, source=source)
+    check_training_counts(table, split, cfg.min_per_class, source, cfg.split_seed)
     classes = sorted(table["label"].astype(str).unique())
     geom = Geometry(cfg.patch_px, cfg.mpp, cfg.shift_px)
     fps = source_fingerprints(table, s3)
