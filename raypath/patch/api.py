@@ -154,12 +154,14 @@ class PatchConfig(StageConfig):
     def run_dir(self) -> str:
         return join(self.workdir, "runs", self.run)
 
-    def results_key(self) -> str:
-        """Digest of the settings a fit's result depends on (testing aids and plumbing excluded)."""
+    def results_key(self, inputs: str = "") -> str:
+        """Digest of what a fit's result depends on: the settings (testing aids and plumbing excluded)
+        and ``inputs``, the digest of the data and the features' identity (:func:`inputs_digest`)."""
         skip = {"run", "preset", "executor", "fit_cpus", "fit_gpus", "train_workers", "cache_dir", "n_boot",
                 "bootstrap_unit", "metric", "kill_at_step", "stop_after_fits", "embed_batch", "methods",
                 "protocols", "fractions", "domain_fractions", "seeds"}
         doc = {k: v for k, v in self.to_dict().items() if k not in skip}
+        doc["inputs"] = inputs
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -204,6 +206,27 @@ def load_patch_table(cfg: PatchConfig, s3: S3Options | None = None) -> pd.DataFr
     return builders.from_tiles(cfg.workdir, label_column=cfg.tiles_label, s3=s3)
 
 
+#: Patch table columns a fit learns from (pixels, label, grouping, place).
+INPUT_COLUMNS = ("patch_id", "uri", "label", "domain", "slide_id", "patient_id", "x", "y", "mpp", "slide_mpp")
+
+
+def inputs_digest(cfg: PatchConfig, ctx: dict) -> str:
+    """sha256 of the data behind every fit: the patch table's rows (ids, sources, labels, domains,
+    slides, patients, coordinates, in order), the train/val/test split, the source files'
+    fingerprints and the feature identity (model, weights sha256, preprocessing)."""
+    from raypath.patch.features import feature_identity
+
+    table = ctx["table"]
+    cols = [c for c in INPUT_COLUMNS if c in table.columns]
+    h = hashlib.sha256()
+    h.update(table[cols].astype(str).to_csv(index=False).encode())
+    h.update("\n".join(map(str, ctx["split"])).encode())
+    h.update(json.dumps(sorted(ctx["fingerprints"].items())).encode())
+    ident = feature_identity(cfg.model, cfg.weights, cfg.patch_px, cfg.mpp)
+    h.update(json.dumps(ident.to_dict(), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- one fit
 
 
@@ -211,8 +234,20 @@ def _fit_paths(run_dir: str, key: str) -> tuple[str, str]:
     return join(run_dir, "fits", f"{key}.json"), join(run_dir, "predictions", f"{key}.parquet")
 
 
-def _checkpoint_dir(run_dir: str, key: str) -> str:
-    return join(run_dir, "checkpoints", key)
+def _checkpoint_dir(run_dir: str, key: str, results_key: str) -> str:
+    """A fit's checkpoints, named by its results key too: a killed fit resumes only on the same inputs."""
+    return join(run_dir, "checkpoints", f"{key}__{results_key}")
+
+
+def _drop_stale_checkpoints(run_dir: str, key: str, results_key: str) -> None:
+    """Checkpoints of ``key`` left by a killed run on other inputs or settings can never resume."""
+    from raypath.io.storage import filesystem_for
+
+    base = join(run_dir, "checkpoints")
+    scheme = base.split("://", 1)[0] + "://" if is_remote(base) else ""
+    for p in filesystem_for(base).glob(f"{strip_protocol(base).rstrip('/')}/{key}__*"):
+        if not p.rstrip("/").endswith(f"__{results_key}"):
+            _drop_checkpoints(scheme + p)
 
 
 def execute_fit(job, run_dir: str, results_key: str) -> dict:
@@ -238,7 +273,7 @@ def execute_fit(job, run_dir: str, results_key: str) -> dict:
     from raypath.io.jsonio import to_jsonable
 
     atomic_write_bytes(rec_path, json.dumps(to_jsonable(record), indent=1).encode())
-    _drop_checkpoints(_checkpoint_dir(run_dir, fit.key))
+    _drop_checkpoints(_checkpoint_dir(run_dir, fit.key, results_key))
     return record
 
 
@@ -308,11 +343,13 @@ def run_patch(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     atomic_write_bytes(join(run_dir, "patches.parquet"), table.assign(split=split).to_parquet(index=False))
     fits = plan_fits(table, split, cfg.methods, cfg.protocols, cfg.fractions, cfg.seeds, cfg.domain_fractions,
                      cfg.min_per_class)
-    rkey = cfg.results_key()
+    rkey = cfg.results_key(inputs_digest(cfg, ctx))
     records, todo = [], []
     for fit in fits:
         rec = _done(run_dir, fit.key, rkey)
         (records.append(rec) if rec is not None else todo.append(fit))
+    for fit in todo:
+        _drop_stale_checkpoints(run_dir, fit.key, rkey)
     log.info("patch: %d fits planned, %d already done, %d to run", len(fits), len(records), len(todo))
     if cfg.stop_after_fits is not None:
         todo = todo[: cfg.stop_after_fits]
@@ -320,8 +357,8 @@ def run_patch(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     feats = _features(cfg, ctx, s3) if needs_features else None
     jobs = [FitJob(fit=f, y=ctx["y"], classes=ctx["classes"], positive=ctx["positive"], cfg=cfg,
                    features=feats if get_method(f.method).inputs == "features" else None,
-                   images_folder=ctx["images"].folder, checkpoint_dir=_checkpoint_dir(run_dir, f.key),
-                   storage=join(run_dir, "ray_train")) for f in todo]
+                   images_folder=ctx["images"].folder, checkpoint_dir=_checkpoint_dir(run_dir, f.key, rkey),
+                   storage=join(run_dir, "ray_train", rkey)) for f in todo]
     records += _run_jobs(jobs, cfg, run_dir, rkey)
     if cfg.stop_after_fits is not None and len(records) < len(fits):
         return {"stopped": True, "fits_done": len(records), "fits_planned": len(fits)}
