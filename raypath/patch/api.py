@@ -89,6 +89,22 @@ class PatchConfig(StageConfig):
     alpha: float = Field(16.0, gt=0, description="LoRA/DoRA alpha")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA/DoRA dropout")
     target_modules: list[str] | None = Field(None, description="adapter targets (default: the tuning layer's table)")
+    prompt_tokens: int = Field(10, ge=1, description="PathoTune: N task visual prompt (TVP) tokens per block")
+    prompt_depth: int | None = Field(None, ge=1, description="PathoTune: blocks that get TVP tokens, from the first (default: every block)")
+    prompt_template: str = Field("An {stain} stained image of {tissue} tissue for {task} classification",
+                                 description="PathoTune: the task textual prompt (TTP), with {name} fill-ins from --prompt-fill")
+    prompt_fill: dict[str, str] = Field(default_factory=lambda: {"stain": "H&E", "tissue": "colorectal", "task": "tumour"},
+                                        description="PathoTune: the template's fill-ins (JSON), e.g. '{\"stain\": \"H&E\", \"tissue\": \"breast\", \"task\": \"mitosis\"}'")
+    text_tokens: int = Field(1, ge=1, description="PathoTune: tokens the text embedding is projected to (TTP)",
+                             json_schema_extra={"group": "model"})
+    text_encoder: str = Field("all-minilm-l6-v2", description="PathoTune: the frozen sentence encoder of the TTP (key or local folder)",
+                              json_schema_extra={"group": "model"})
+    instance_tokens: int = Field(2, ge=1, description="PathoTune: M instance visual prompt (IVP) tokens per image",
+                                 json_schema_extra={"group": "model"})
+    refine_hidden: int | None = Field(None, ge=1, description="PathoTune: width of the IVP refine module (default: ViT width / 4)",
+                                      json_schema_extra={"group": "model"})
+    prompt_optimizer: Literal["radam", "adamw", "adam", "sgd"] = Field("radam", description="PathoTune: optimiser (RAdam as in the paper)")
+    prompt_lr_scale: float = Field(10.0, gt=0, description="PathoTune: learning rate = this x --lr (prompts take larger steps than weights)")
     e2e_size: Literal["auto", "tiny", "full"] = Field("auto", description="end-to-end baselines: full (ResNet-50, ViT-S/16) or tiny; auto = full on GPU")
     device: str = Field("auto", description="auto | cpu | cuda")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on GPU")
@@ -104,7 +120,7 @@ class PatchConfig(StageConfig):
     kill_at_step: int | None = Field(None, description="testing aid: stop a fine-tuning fit after this epoch as a crash would")
     stop_after_fits: int | None = Field(None, description="testing aid: stop after this many new fits")
 
-    @field_validator("synth_options", mode="before")
+    @field_validator("synth_options", "prompt_fill", mode="before")
     @classmethod
     def _json(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -135,6 +151,11 @@ class PatchConfig(StageConfig):
             raise ValueError(f"unknown protocol(s) {bad}: choose from {', '.join(PROTOCOLS)}")
         if any(not 0 < f <= 1 for f in self.fractions + self.domain_fractions):
             raise ValueError("fractions must be in (0, 1]")
+        try:
+            self.prompt_template.format(**self.prompt_fill)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"--prompt-template {self.prompt_template!r} names {e} that --prompt-fill "
+                             f"{sorted(self.prompt_fill)} lacks: add it to --prompt-fill") from None
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r}: choose from {', '.join(METRICS)}")
         sources = [self.patches, self.annotations, self.image_folder, self.tiles_label, self.synth or None]
