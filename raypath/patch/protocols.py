@@ -21,9 +21,11 @@ Fractions
 
 Fits
     :func:`plan_fits` lists every (protocol, training domains, method,
-    fraction, seed) fit with its train/val rows and the test sets it is
-    evaluated on: ``scaling`` (all domains, every fraction, tested in-domain on
-    the pooled test set and on each domain's),
+    fraction, seed) fit with its train/val rows and the sets it is
+    evaluated on (``evals``): its test sets (``test:<domain>``, ``test:all``)
+    and its validation patients (``val:all``, ``val:<training domain>``: what a
+    sweep selects on, never the test sets): ``scaling`` (all domains, every
+    fraction, tested in-domain on the pooled test set and on each domain's),
     ``domain`` (train on one domain, test on each: the domain matrix) and
     ``lodo`` (train on all but one domain, test on it).
 """
@@ -177,7 +179,7 @@ class Fit:
     seed: int
     train: np.ndarray
     val: np.ndarray
-    evals: dict[str, np.ndarray] = field(default_factory=dict)  # test set name -> rows
+    evals: dict[str, np.ndarray] = field(default_factory=dict)  # "test:<d>"/"val:<d>" -> rows (see plan_fits)
 
     @property
     def key(self) -> str:
@@ -189,6 +191,19 @@ def _tests(domains: np.ndarray, split: np.ndarray, include_all: bool) -> dict[st
     if include_all:
         out["test:all"] = np.flatnonzero(split == "test")
     return out
+
+
+def _vals(domains: np.ndarray, val_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The fit's validation patients (training domains only), pooled and per domain: what a sweep selects on."""
+    if not len(val_rows):
+        return {}
+    out = {f"val:{d}": val_rows[domains[val_rows] == d] for d in sorted(set(domains[val_rows]))}
+    return {"val:all": val_rows, **out}
+
+
+def test_sets(fit: "Fit") -> dict[str, np.ndarray]:
+    """The fit's test sets (``test:*`` evaluation sets), without its validation sets."""
+    return {n: r for n, r in fit.evals.items() if n.startswith("test:")}
 
 
 def plan_fits(table: pd.DataFrame, split: np.ndarray, methods: list[str], protocols: list[str],
@@ -218,7 +233,9 @@ def plan_fits(table: pd.DataFrame, split: np.ndarray, methods: list[str], protoc
         tests = _tests(domains, split, include_all=protocol == "scaling")
         for seed in seeds:
             subsets = fraction_subsets(np.flatnonzero(pool & sel), labels, domains, fracs, seed, min_per_class)
+            val_rows = np.flatnonzero(val & sel)
+            evals = {**tests, **_vals(domains, val_rows)}
             for f in fracs:
                 for m in methods:
-                    fits.append(Fit(protocol, name, m, f, seed, subsets[f], np.flatnonzero(val & sel), dict(tests)))
+                    fits.append(Fit(protocol, name, m, f, seed, subsets[f], val_rows, dict(evals)))
     return fits
