@@ -201,7 +201,7 @@ def _vals(domains: np.ndarray, val_rows: np.ndarray) -> dict[str, np.ndarray]:
     return {"val:all": val_rows, **out}
 
 
-def test_sets(fit: "Fit") -> dict[str, np.ndarray]:
+def fit_test_sets(fit: "Fit") -> dict[str, np.ndarray]:
     """The fit's test sets (``test:*`` evaluation sets), without its validation sets."""
     return {n: r for n, r in fit.evals.items() if n.startswith("test:")}
 
