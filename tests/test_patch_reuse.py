@@ -108,3 +108,14 @@ def test_a_killed_fine_tuning_fit_resumes_only_on_the_same_inputs(tmp_path):
     run_patch(cfg)  # identical inputs: resumes
     rec = json.load(open(rec_path))
     assert rec["info"]["resumed_from"] and rec["info"]["epochs"] == 3
+
+
+def test_end_to_end_baselines_alone_need_no_fm_weights_for_the_key(tmp_path):
+    from raypath.errors import RaypathError
+    from raypath.patch.api import _model_identity
+
+    missing = str(tmp_path / "no_such_weights.bin")
+    e2e = PatchConfig(workdir=str(tmp_path), synth=True, model="phikon", weights=missing, methods=["e2e-resnet"])
+    assert _model_identity(e2e) == {"model": "phikon", "weights": missing}
+    with pytest.raises(RaypathError):
+        _model_identity(e2e.model_copy(update={"methods": ["e2e-resnet", "linear"]}))

@@ -11,10 +11,12 @@
    ``patch_id``: re-runs never re-embed);
 4. runs every fit of the protocols (:mod:`raypath.patch.protocols`) with
    every method (:mod:`raypath.patch.methods`), here or as Ray tasks, each
-   fit's result written as soon as it is done (a re-run skips them; a killed
-   fine-tuning fit resumes from its last epoch);
+   fit's result written as soon as it is done (a re-run skips them while the
+   results key -- settings, patch table rows, split, file fingerprints, feature
+   identity -- is unchanged; a killed fine-tuning fit resumes from its last
+   epoch on the same key);
 5. scores every fit on every test set (:mod:`raypath.patch.metrics`, bootstrap
-   CIs) and writes the tables, plots and report page
+   CIs) and on its validation patients (what a sweep selects on), and writes the tables, plots and report page
    (:mod:`raypath.patch.outputs`) under ``<workdir>/runs/<run>/``.
 """
 
@@ -235,17 +237,28 @@ def inputs_digest(cfg: PatchConfig, ctx: dict) -> str:
     """sha256 of the data behind every fit: the patch table's rows (ids, sources, labels, domains,
     slides, patients, coordinates, in order), the train/val/test split, the source files'
     fingerprints and the feature identity (model, weights sha256, preprocessing)."""
-    from raypath.patch.features import feature_identity
-
     table = ctx["table"]
     cols = [c for c in INPUT_COLUMNS if c in table.columns]
     h = hashlib.sha256()
     h.update(table[cols].astype(str).to_csv(index=False).encode())
     h.update("\n".join(map(str, ctx["split"])).encode())
     h.update(json.dumps(sorted(ctx["fingerprints"].items())).encode())
-    ident = feature_identity(cfg.model, cfg.weights, cfg.patch_px, cfg.mpp)
-    h.update(json.dumps(ident.to_dict(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(_model_identity(cfg), sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _model_identity(cfg: PatchConfig) -> dict:
+    """The feature identity of the run's FM; a run of end-to-end baselines only (which never load
+    the FM) may lack its weights and is then keyed by the model's name and weights flag."""
+    from raypath.patch.features import feature_identity
+    from raypath.patch.methods import get_method
+
+    try:
+        return feature_identity(cfg.model, cfg.weights, cfg.patch_px, cfg.mpp).to_dict()
+    except RaypathError:
+        if any(getattr(get_method(m), "tuning", "fm") is not None for m in cfg.methods):
+            raise
+        return {"model": cfg.model, "weights": cfg.weights}
 
 
 # --------------------------------------------------------------------------- one fit
