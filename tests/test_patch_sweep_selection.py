@@ -53,3 +53,20 @@ def test_a_patch_sweep_refuses_test_set_objectives_and_defaults_to_validation():
     with pytest.raises(RaypathError, match="kind: patch"):
         parse_space({"kind": "mil", "objectives": [{"metric": "val_mean"}],
                      "space": {"mil.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
+
+
+def test_a_patch_sweep_without_validation_patients_is_refused_before_any_trial(tmp_path):
+    from raypath.patch.sweep import run_patch_sweep
+    from raypath.sweep.api import SweepConfig
+    from raypath.sweep.space import parse_space
+
+    table = write_patch_table(tmp_path, per_class=8)
+    t = pd.read_csv(table)
+    t["split"] = t["split"].replace("val", "train")
+    t.to_csv(table, index=False)
+    fixed = dict(patches=table, model="tiny-vit", patch_px=16, shift_px=2, mpp=0.5, seeds=[42], device="cpu")
+    space = parse_space({"kind": "patch", "fixed": {"patch": fixed},
+                         "space": {"patch.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    cfg = SweepConfig(workdir=str(tmp_path / "w"), space=str(tmp_path / "unused.yaml"), name="noval")
+    with pytest.raises(RaypathError, match="validation patients.*val_fraction"):
+        run_patch_sweep(cfg, space, str(tmp_path / "w" / "sweeps" / "noval"), searcher=None)

@@ -47,6 +47,7 @@ import math
 import pandas as pd
 import yaml
 
+from raypath.errors import RaypathError
 from raypath.io.jsonio import to_jsonable
 from raypath.io.storage import atomic_write_bytes, join
 
@@ -147,7 +148,10 @@ def run_patch_sweep(cfg, space, sweep_dir: str, searcher, tune_name: str = "tune
 
     fixed = dict(space.fixed.get("patch", {}))
     cfg.save(sweep_dir)
-    prepare(trial_patch_config(fixed, {}, cfg.workdir, "sweep-check"))  # bad input fails here; cache built once
+    ctx = prepare(trial_patch_config(fixed, {}, cfg.workdir, "sweep-check"))  # bad input fails here; cache once
+    if not (ctx["split"] == "val").any():
+        raise RaypathError("a patch sweep selects on validation patients, and the split has none: keep "
+                           "fixed.patch.val_fraction above 0 (or give `val` rows in the table's split column)")
     ray = ensure_ray()
     cpus = cfg.cpus_per_trial or 1.0
     gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (1.0 if ray.cluster_resources().get("GPU") else 0.0)
