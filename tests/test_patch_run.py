@@ -166,7 +166,7 @@ def test_sweep_accepts_a_patch_space_and_runs_trials_on_ray_tune(study, tmp_path
     out, _ = study
     fixed = dict(annotations=os.path.join(out, "annotations.json"), model="tiny-vit", patch_px=48, mpp=0.5,
                  shift_px=4, seeds=[42], max_epochs=1, pseudo_epoch=32, n_boot=0, e2e_size="tiny", device="cpu")
-    doc = {"kind": "patch", "objectives": [{"metric": "mean_external"}], "fixed": {"patch": fixed},
+    doc = {"kind": "patch", "objectives": [{"metric": "val_mean"}], "fixed": {"patch": fixed},
            "space": {"patch.method": {"type": "categorical", "choices": ["linear", "lora"]},
                      "patch.rank": {"type": "int", "low": 2, "high": 8, "log": True},
                      "patch.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -180,7 +180,9 @@ def test_sweep_accepts_a_patch_space_and_runs_trials_on_ray_tune(study, tmp_path
                                 max_concurrent_trials=1))
     t = res.trials
     assert len(t) == 2 and (t["error"] == "").all() and t["mean_external"].between(0, 1).all()
-    assert {"external_canine_lymphoma", "mean_internal", "param:patch.method"} <= set(t.columns)
+    assert t["val_mean"].between(0, 1).all() and t["val_worst"].between(0, 1).all()
+    assert {"external_canine_lymphoma", "mean_internal", "param:patch.method", "val_worst_domain"} <= set(t.columns)
+    assert res.best["val_mean"] == t["val_mean"].max()  # selected on validation, not on test scores
     assert res.best is not None and os.path.exists(os.path.join(res.sweep_dir, "best_config.yaml"))
     first = t[t["param:patch.method"] == "lora"].iloc[0]
     cfg = yaml.safe_load(open(os.path.join(str(tmp_path / "w"), "runs", first["run"], "config.yaml")))["config"]

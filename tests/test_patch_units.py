@@ -13,7 +13,7 @@ import pytest
 from raypath.errors import RaypathError
 from raypath.evaluation.splits import LeakageError
 from raypath.patch.metrics import bootstrap_weights, evaluate
-from raypath.patch.protocols import assign_splits, check_leakage, fraction_subsets, plan_fits
+from raypath.patch.protocols import assign_splits, check_leakage, fit_test_sets, fraction_subsets, plan_fits
 from raypath.patch.table import validate_patch_table
 
 
@@ -155,8 +155,12 @@ def test_plan_lists_scaling_domain_and_lodo_fits_with_disjoint_train_and_test():
     assert len(keys) == len(set(keys)) == 2 * 2 * 2 + 3 * 2 * 2 + 3 * 2 * 2
     dom = t["domain"].to_numpy()
     for f in fits:
-        test_rows = np.concatenate(list(f.evals.values()))
+        test_rows = np.concatenate(list(fit_test_sets(f).values()))
         assert not set(f.train) & set(test_rows) and not set(f.val) & set(test_rows)
+        vals = {n: r for n, r in f.evals.items() if n.startswith("val:")}  # what a sweep selects on
+        assert set(vals) | set(fit_test_sets(f)) == set(f.evals) and (vals["val:all"] == f.val).all()
+        assert set(split[vals["val:all"]]) == {"val"} and not set(vals["val:all"]) & set(f.train)
+        assert {n.removeprefix("val:") for n in vals} - {"all"} == set(dom[f.val])
         if f.protocol == "domain":
             assert set(dom[f.train]) == {f.train_on}
         if f.protocol == "lodo":

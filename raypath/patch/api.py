@@ -11,10 +11,12 @@
    ``patch_id``: re-runs never re-embed);
 4. runs every fit of the protocols (:mod:`raypath.patch.protocols`) with
    every method (:mod:`raypath.patch.methods`), here or as Ray tasks, each
-   fit's result written as soon as it is done (a re-run skips them; a killed
-   fine-tuning fit resumes from its last epoch);
+   fit's result written as soon as it is done (a re-run skips them while the
+   results key -- settings, patch table rows, split, file fingerprints, feature
+   identity -- is unchanged; a killed fine-tuning fit resumes from its last
+   epoch on the same key);
 5. scores every fit on every test set (:mod:`raypath.patch.metrics`, bootstrap
-   CIs) and writes the tables, plots and report page
+   CIs) and on its validation patients (what a sweep selects on), and writes the tables, plots and report page
    (:mod:`raypath.patch.outputs`) under ``<workdir>/runs/<run>/``.
 """
 
@@ -89,6 +91,22 @@ class PatchConfig(StageConfig):
     alpha: float = Field(16.0, gt=0, description="LoRA/DoRA alpha")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA/DoRA dropout")
     target_modules: list[str] | None = Field(None, description="adapter targets (default: the tuning layer's table)")
+    prompt_tokens: int = Field(10, ge=1, description="PathoTune: N task visual prompt (TVP) tokens per block")
+    prompt_depth: int | None = Field(None, ge=1, description="PathoTune: blocks that get TVP tokens, from the first (default: every block)")
+    prompt_template: str = Field("An {stain} stained image of {tissue} tissue for {task} classification",
+                                 description="PathoTune: the task textual prompt (TTP), with {name} fill-ins from --prompt-fill")
+    prompt_fill: dict[str, str] = Field(default_factory=lambda: {"stain": "H&E", "tissue": "colorectal", "task": "tumour"},
+                                        description="PathoTune: the template's fill-ins (JSON), e.g. '{\"stain\": \"H&E\", \"tissue\": \"breast\", \"task\": \"mitosis\"}'")
+    text_tokens: int = Field(1, ge=1, description="PathoTune: tokens the text embedding is projected to (TTP)",
+                             json_schema_extra={"group": "model"})
+    text_encoder: str = Field("all-minilm-l6-v2", description="PathoTune: the frozen sentence encoder of the TTP (key or local folder)",
+                              json_schema_extra={"group": "model"})
+    instance_tokens: int = Field(2, ge=1, description="PathoTune: M instance visual prompt (IVP) tokens per image",
+                                 json_schema_extra={"group": "model"})
+    refine_hidden: int | None = Field(None, ge=1, description="PathoTune: width of the IVP refine module (default: ViT width / 4)",
+                                      json_schema_extra={"group": "model"})
+    prompt_optimizer: Literal["radam", "adamw", "adam", "sgd"] = Field("radam", description="PathoTune: optimiser (RAdam as in the paper)")
+    prompt_lr_scale: float = Field(10.0, gt=0, description="PathoTune: learning rate = this x --lr (prompts take larger steps than weights)")
     e2e_size: Literal["auto", "tiny", "full"] = Field("auto", description="end-to-end baselines: full (ResNet-50, ViT-S/16) or tiny; auto = full on GPU")
     device: str = Field("auto", description="auto | cpu | cuda")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on GPU")
@@ -104,7 +122,7 @@ class PatchConfig(StageConfig):
     kill_at_step: int | None = Field(None, description="testing aid: stop a fine-tuning fit after this epoch as a crash would")
     stop_after_fits: int | None = Field(None, description="testing aid: stop after this many new fits")
 
-    @field_validator("synth_options", mode="before")
+    @field_validator("synth_options", "prompt_fill", mode="before")
     @classmethod
     def _json(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -135,6 +153,11 @@ class PatchConfig(StageConfig):
             raise ValueError(f"unknown protocol(s) {bad}: choose from {', '.join(PROTOCOLS)}")
         if any(not 0 < f <= 1 for f in self.fractions + self.domain_fractions):
             raise ValueError("fractions must be in (0, 1]")
+        try:
+            self.prompt_template.format(**self.prompt_fill)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"--prompt-template {self.prompt_template!r} names {e} that --prompt-fill "
+                             f"{sorted(self.prompt_fill)} lacks: add it to --prompt-fill") from None
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r}: choose from {', '.join(METRICS)}")
         sources = [self.patches, self.annotations, self.image_folder, self.tiles_label, self.synth or None]
@@ -154,12 +177,14 @@ class PatchConfig(StageConfig):
     def run_dir(self) -> str:
         return join(self.workdir, "runs", self.run)
 
-    def results_key(self) -> str:
-        """Digest of the settings a fit's result depends on (testing aids and plumbing excluded)."""
+    def results_key(self, inputs: str = "") -> str:
+        """Digest of what a fit's result depends on: the settings (testing aids and plumbing excluded)
+        and ``inputs``, the digest of the data and the features' identity (:func:`inputs_digest`)."""
         skip = {"run", "preset", "executor", "fit_cpus", "fit_gpus", "train_workers", "cache_dir", "n_boot",
                 "bootstrap_unit", "metric", "kill_at_step", "stop_after_fits", "embed_batch", "methods",
                 "protocols", "fractions", "domain_fractions", "seeds"}
         doc = {k: v for k, v in self.to_dict().items() if k not in skip}
+        doc["inputs"] = inputs
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -179,6 +204,15 @@ def _synth_study(cfg: PatchConfig) -> str:
     return join(out, "annotations.json")
 
 
+def source_name(cfg: PatchConfig) -> str:
+    """The flag and value the patches come from, for error messages (``--image-folder imgs``)."""
+    for flag, value in (("--patches", cfg.patches), ("--annotations", cfg.annotations),
+                        ("--image-folder", cfg.image_folder), ("--tiles-label", cfg.tiles_label)):
+        if value:
+            return f"{flag} {value}"
+    return f"--synth ({join(cfg.workdir, 'mitosis_study')})"
+
+
 def load_patch_table(cfg: PatchConfig, s3: S3Options | None = None) -> pd.DataFrame:
     """The validated patch table of ``cfg``'s source."""
     from raypath.patch import builders
@@ -195,6 +229,38 @@ def load_patch_table(cfg: PatchConfig, s3: S3Options | None = None) -> pd.DataFr
     return builders.from_tiles(cfg.workdir, label_column=cfg.tiles_label, s3=s3)
 
 
+#: Patch table columns a fit learns from (pixels, label, grouping, place).
+INPUT_COLUMNS = ("patch_id", "uri", "label", "domain", "slide_id", "patient_id", "x", "y", "mpp", "slide_mpp")
+
+
+def inputs_digest(cfg: PatchConfig, ctx: dict) -> str:
+    """sha256 of the data behind every fit: the patch table's rows (ids, sources, labels, domains,
+    slides, patients, coordinates, in order), the train/val/test split, the source files'
+    fingerprints and the feature identity (model, weights sha256, preprocessing)."""
+    table = ctx["table"]
+    cols = [c for c in INPUT_COLUMNS if c in table.columns]
+    h = hashlib.sha256()
+    h.update(table[cols].astype(str).to_csv(index=False).encode())
+    h.update("\n".join(map(str, ctx["split"])).encode())
+    h.update(json.dumps(sorted(ctx["fingerprints"].items())).encode())
+    h.update(json.dumps(_model_identity(cfg), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _model_identity(cfg: PatchConfig) -> dict:
+    """The feature identity of the run's FM; a run of end-to-end baselines only (which never load
+    the FM) may lack its weights and is then keyed by the model's name and weights flag."""
+    from raypath.patch.features import feature_identity
+    from raypath.patch.methods import get_method
+
+    try:
+        return feature_identity(cfg.model, cfg.weights, cfg.patch_px, cfg.mpp).to_dict()
+    except RaypathError:
+        if any(getattr(get_method(m), "tuning", "fm") is not None for m in cfg.methods):
+            raise
+        return {"model": cfg.model, "weights": cfg.weights}
+
+
 # --------------------------------------------------------------------------- one fit
 
 
@@ -202,8 +268,20 @@ def _fit_paths(run_dir: str, key: str) -> tuple[str, str]:
     return join(run_dir, "fits", f"{key}.json"), join(run_dir, "predictions", f"{key}.parquet")
 
 
-def _checkpoint_dir(run_dir: str, key: str) -> str:
-    return join(run_dir, "checkpoints", key)
+def _checkpoint_dir(run_dir: str, key: str, results_key: str) -> str:
+    """A fit's checkpoints, named by its results key too: a killed fit resumes only on the same inputs."""
+    return join(run_dir, "checkpoints", f"{key}__{results_key}")
+
+
+def _drop_stale_checkpoints(run_dir: str, key: str, results_key: str) -> None:
+    """Checkpoints of ``key`` left by a killed run on other inputs or settings can never resume."""
+    from raypath.io.storage import filesystem_for
+
+    base = join(run_dir, "checkpoints")
+    scheme = base.split("://", 1)[0] + "://" if is_remote(base) else ""
+    for p in filesystem_for(base).glob(f"{strip_protocol(base).rstrip('/')}/{key}__*"):
+        if not p.rstrip("/").endswith(f"__{results_key}"):
+            _drop_checkpoints(scheme + p)
 
 
 def execute_fit(job, run_dir: str, results_key: str) -> dict:
@@ -229,7 +307,7 @@ def execute_fit(job, run_dir: str, results_key: str) -> dict:
     from raypath.io.jsonio import to_jsonable
 
     atomic_write_bytes(rec_path, json.dumps(to_jsonable(record), indent=1).encode())
-    _drop_checkpoints(_checkpoint_dir(run_dir, fit.key))
+    _drop_checkpoints(_checkpoint_dir(run_dir, fit.key, results_key))
     return record
 
 
@@ -260,10 +338,12 @@ def _done(run_dir: str, key: str, results_key: str) -> dict | None:
 def prepare(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     """Table, split, patch cache, classes and (lazily) features: everything fits share."""
     from raypath.patch.images import Geometry, build_patch_cache, default_cache_dir, source_fingerprints
-    from raypath.patch.protocols import assign_splits
+    from raypath.patch.protocols import assign_splits, check_training_counts
 
     table = load_patch_table(cfg, s3)
-    split = assign_splits(table, cfg.test_fraction, cfg.val_fraction, cfg.split_seed)
+    source = source_name(cfg)
+    split = assign_splits(table, cfg.test_fraction, cfg.val_fraction, cfg.split_seed, source=source)
+    check_training_counts(table, split, cfg.min_per_class, source, cfg.split_seed)
     classes = sorted(table["label"].astype(str).unique())
     geom = Geometry(cfg.patch_px, cfg.mpp, cfg.shift_px)
     fps = source_fingerprints(table, s3)
@@ -297,11 +377,13 @@ def run_patch(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     atomic_write_bytes(join(run_dir, "patches.parquet"), table.assign(split=split).to_parquet(index=False))
     fits = plan_fits(table, split, cfg.methods, cfg.protocols, cfg.fractions, cfg.seeds, cfg.domain_fractions,
                      cfg.min_per_class)
-    rkey = cfg.results_key()
+    rkey = cfg.results_key(inputs_digest(cfg, ctx))
     records, todo = [], []
     for fit in fits:
         rec = _done(run_dir, fit.key, rkey)
         (records.append(rec) if rec is not None else todo.append(fit))
+    for fit in todo:
+        _drop_stale_checkpoints(run_dir, fit.key, rkey)
     log.info("patch: %d fits planned, %d already done, %d to run", len(fits), len(records), len(todo))
     if cfg.stop_after_fits is not None:
         todo = todo[: cfg.stop_after_fits]
@@ -309,8 +391,8 @@ def run_patch(cfg: PatchConfig, s3: S3Options | None = None) -> dict:
     feats = _features(cfg, ctx, s3) if needs_features else None
     jobs = [FitJob(fit=f, y=ctx["y"], classes=ctx["classes"], positive=ctx["positive"], cfg=cfg,
                    features=feats if get_method(f.method).inputs == "features" else None,
-                   images_folder=ctx["images"].folder, checkpoint_dir=_checkpoint_dir(run_dir, f.key),
-                   storage=join(run_dir, "ray_train")) for f in todo]
+                   images_folder=ctx["images"].folder, checkpoint_dir=_checkpoint_dir(run_dir, f.key, rkey),
+                   storage=join(run_dir, "ray_train", rkey)) for f in todo]
     records += _run_jobs(jobs, cfg, run_dir, rkey)
     if cfg.stop_after_fits is not None and len(records) < len(fits):
         return {"stopped": True, "fits_done": len(records), "fits_planned": len(fits)}

@@ -183,12 +183,13 @@ class FineTune:
 
 @dataclass
 class PromptTune(FineTune):
-    """PathoTune (:mod:`raypath.fm.pathotune`) on the run's FM: one ablation (tvp, tvp+ttp, tvp+ttp+ivp),
-    RAdam at 10x ``--lr`` (prompts need larger steps than weights, as in VPT); the trained prompts are
-    written to ``<run>/prompts/<fit>.safetensors``."""
+    """PathoTune (:mod:`raypath.fm.pathotune`) on the run's FM: one ablation (tvp, tvp+ttp, tvp+ttp+ivp)
+    with the PatchConfig's prompt flags (``--prompt-tokens``, ``--prompt-depth``, ``--prompt-template``,
+    ``--prompt-fill``, ``--text-tokens``, ``--instance-tokens`` ...), ``--prompt-optimizer`` (RAdam) at
+    ``--prompt-lr-scale`` (10) x ``--lr`` (prompts need larger steps than weights, as in VPT); the trained
+    prompts are written to ``<run>/prompts/<fit>.safetensors``."""
 
     ablation: str = "tvp+ttp+ivp"
-    lr_scale: float = 10.0
 
     def spec(self, job: FitJob):
         import os
@@ -196,15 +197,21 @@ class PromptTune(FineTune):
         from raypath.fm.pathotune import PathoTuneConfig
 
         s = super().spec(job)
-        opts = dict(getattr(job.cfg, "prompt_options", None) or {})
-        optimizer = opts.pop("optimizer", "radam")
-        cfg = PathoTuneConfig.ablation(self.ablation, **opts)
-        s.extra = {"pathotune": {**cfg.__dict__}, "optimizer": optimizer}
-        if job.checkpoint_dir and "://" not in job.checkpoint_dir:  # <run>/checkpoints/<fit>
+        cfg = PathoTuneConfig.ablation(self.ablation, **pathotune_options(job.cfg)).check()
+        s.extra = {"pathotune": {**cfg.__dict__}, "optimizer": job.cfg.prompt_optimizer}
+        if job.checkpoint_dir and "://" not in job.checkpoint_dir:  # <run>/checkpoints/<fit>__<results key>
             run_dir = os.path.dirname(os.path.dirname(job.checkpoint_dir.rstrip("/")))
             s.extra["prompts_out"] = os.path.join(run_dir, "prompts", f"{job.fit.key}.safetensors")
-        s.lr = job.cfg.lr * self.lr_scale
+        s.lr = job.cfg.lr * job.cfg.prompt_lr_scale
         return s
+
+
+def pathotune_options(cfg) -> dict:
+    """:class:`~raypath.fm.pathotune.PathoTuneConfig` fields from a PatchConfig's prompt flags
+    (the ablation of the method decides TVP/TTP/IVP on or off)."""
+    return dict(n_tokens=cfg.prompt_tokens, depth=cfg.prompt_depth, template=cfg.prompt_template,
+                fill=dict(cfg.prompt_fill), text_tokens=cfg.text_tokens, text_encoder=cfg.text_encoder,
+                instance_tokens=cfg.instance_tokens, refine_hidden=cfg.refine_hidden, optimizer=cfg.prompt_optimizer)
 
 
 for _m in (
@@ -215,11 +222,11 @@ for _m in (
     FineTune("full", "full fine-tuning of the FM + linear head", "full"),
     FineTune("e2e-resnet", "ResNet trained end to end from scratch", None),
     FineTune("e2e-vit", "ViT trained end to end from scratch", None),
-    PromptTune("pathotune-tvp", "PathoTune TVP only: 10 deep visual prompts per block + head (RAdam)", "pathotune",
+    PromptTune("pathotune-tvp", "PathoTune TVP only: N (--prompt-tokens, 10) deep visual prompts per block + head (RAdam)", "pathotune",
                ablation="tvp"),
     PromptTune("pathotune-tvp-ttp", "PathoTune TVP + TTP (projected frozen MiniLM text token) + head", "pathotune",
                ablation="tvp+ttp"),
-    PromptTune("pathotune", "PathoTune TVP + TTP + IVP (2 instance prompts from a visual refine module) + head",
+    PromptTune("pathotune", "PathoTune TVP + TTP + IVP (M = --instance-tokens instance prompts from a visual refine module) + head",
                "pathotune", ablation="tvp+ttp+ivp"),
 ):
     register_method(_m)

@@ -6,6 +6,8 @@ file                        content
 ``summary.json``            the headline (best method, the "LoRA with 10 % of the labels" check,
                             in- vs cross-domain gap), what produced it, the tables below
 ``metrics.csv``             one row per fit x test set: the five metrics with bootstrap CIs
+``validation.csv``          one row per fit x validation set (its training domains' validation
+                            patients, pooled ``all`` and per domain): the metrics a sweep selects on
 ``summary.csv``             mean, sd and n over seeds per method x fraction x train/test domain
 ``results.md``              the result tables in Markdown (scaling, domain matrix, LODO)
 ``scaling.png``             metric vs label fraction, one line per method (mean +- sd over seeds)
@@ -44,8 +46,10 @@ def _in_domain(protocol: str, train_on: str, test: str) -> bool:
     return test != train_on.removeprefix("all-but-")  # lodo
 
 
-def score_fits(cfg, run_dir: str, ctx: dict, records: list[dict], s3: S3Options | None = None) -> pd.DataFrame:
-    """One row per fit x test set with every metric and its bootstrap CI."""
+def score_fits(cfg, run_dir: str, ctx: dict, records: list[dict], s3: S3Options | None = None,
+               sets: str = "test") -> pd.DataFrame:
+    """One row per fit x test set with every metric and its bootstrap CI (``sets="val"``: per fit x
+    validation set, no CI: what a sweep selects on)."""
     table, classes = ctx["table"], ctx["classes"]
     labels = table["label"].astype(str).to_numpy()
     slides = table["slide_id"].astype(str).to_numpy()
@@ -54,16 +58,22 @@ def score_fits(cfg, run_dir: str, ctx: dict, records: list[dict], s3: S3Options 
     for rec in records:
         pred = read_parquet(join(run_dir, "predictions", f"{rec['key']}.parquet"), s3).to_pandas()
         for name, g in pred.groupby("eval", sort=True):
+            if not name.startswith(f"{sets}:"):
+                continue
             r = g["row"].to_numpy()
             prob = g[[f"p_{c}" for c in classes]].to_numpy()
             groups = slides[r] if cfg.bootstrap_unit == "slide" else None
-            m = evaluate(labels[r], prob, classes, positive=pos, n_boot=cfg.n_boot, seed=int(rec["seed"]), groups=groups)
+            n_boot = cfg.n_boot if sets == "test" else 0
+            m = evaluate(labels[r], prob, classes, positive=pos, n_boot=n_boot, seed=int(rec["seed"]), groups=groups)
             test = name.split(":", 1)[1]
             rows.append({"key": rec["key"], "protocol": rec["protocol"], "train_on": rec["train_on"],
                          "method": rec["method"], "fraction": rec["fraction"], "seed": rec["seed"],
                          "test_on": test, "in_domain": _in_domain(rec["protocol"], rec["train_on"], test),
                          "n_train": rec["n_train"], "n_test_slides": int(len(set(slides[r]))), **m})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if sets != "test" and not out.empty:
+        out = out.drop(columns="in_domain").rename(columns={"test_on": f"{sets}_on", "n_test_slides": f"n_{sets}_slides"})
+    return out
 
 
 def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -307,6 +317,8 @@ def write_outputs(cfg, run_dir: str, ctx: dict, fits, records: list[dict], elaps
     for name, data in plots.items():
         atomic_write_bytes(join(run_dir, name), data, s3)
     atomic_write_bytes(join(run_dir, "metrics.csv"), metrics.to_csv(index=False).encode(), s3)
+    validation = score_fits(cfg, run_dir, ctx, records, s3, sets="val")
+    atomic_write_bytes(join(run_dir, "validation.csv"), validation.to_csv(index=False).encode(), s3)
     atomic_write_bytes(join(run_dir, "summary.csv"), summary.to_csv(index=False).encode(), s3)
     atomic_write_bytes(join(run_dir, "results.md"), results_markdown(cfg, identity, ctx, summary, h).encode(), s3)
     atomic_write_bytes(join(run_dir, "report.html"), report_html(cfg, identity, ctx, summary, h, plots).encode(), s3)

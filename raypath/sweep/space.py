@@ -3,7 +3,8 @@
 A sweep file (see ``sweeps/examples/*.yaml``) has these keys::
 
     kind: mil | adapter | patch  # MIL-only on fixed features, adapt -> embed -> MIL per fold, or the patch
-                              # benchmark (raypath.patch.sweep: fixed.patch, patch.method/rank/lr/fraction)
+                              # benchmark (raypath.patch.sweep: fixed.patch, patch.method/rank/lr/fraction;
+                              # objectives val_mean / val_worst: validation patients only)
     features: <model key>     # kind mil: feature folder or key under <workdir>/features
     objectives:               # 1 objective = TPE; >= 2 = multi-objective TPE + Pareto front
       - {metric: mean_external, mode: max}
@@ -46,6 +47,12 @@ OBJECTIVE_METRICS = {
     k: METRICS[k].mode for k in ("mean_external", "worst_external", "mean_internal", "site_probe_bacc", "kmeans_purity",
                                  "mean_inconsistency", "mean_flip_rate")  # last two: MIL on technical variants
 }
+
+#: Objectives of a ``kind: patch`` sweep (raypath.patch.sweep): scores on the validation patients of
+#: each fit's training domains, never on test patients; the test-set scores (mean_external, ...) are
+#: reported next to them but cannot be selected on.
+PATCH_OBJECTIVES = {"val_mean": "max", "val_worst": "max"}
+OBJECTIVE_METRICS.update(PATCH_OBJECTIVES)
 
 #: Separator that turns a list choice (e.g. target modules) into an Optuna label.
 LIST_SEP = "+"
@@ -162,12 +169,29 @@ class SweepSpace(_Strict):
                     raise ValueError(f"points_to_evaluate: {k}={v!r} is not one of {spec.choices}")
                 if spec.log and not (isinstance(v, (int, float)) and v > 0):
                     raise ValueError(f"points_to_evaluate: {k}={v!r} must be > 0 (log scale)")
+        self._check_patch_objectives()
         metrics = [o.metric for o in self.objectives]
         if len(set(metrics)) != len(metrics) or not metrics:
             raise ValueError("`objectives` must list distinct metrics")
         if not self.robustness_enabled and any(m in ("site_probe_bacc", "kmeans_purity") for m in metrics):
             raise ValueError("a robustness objective needs `robustness: {enabled: true}`")
         return self
+
+    def _check_patch_objectives(self) -> None:
+        """A patch sweep selects on validation patients only (default val_mean); others never on val_*."""
+        if self.kind == "patch" and "objectives" not in self.model_fields_set:
+            self.objectives = [Objective(metric="val_mean")]
+        metrics = [o.metric for o in self.objectives]
+        if self.kind == "patch":
+            bad = [m for m in metrics if m not in PATCH_OBJECTIVES]
+            if bad:
+                raise ValueError(
+                    f"objective(s) {bad} are test-set scores, and a `kind: patch` sweep selects on validation "
+                    f"patients only: use {' or '.join(PATCH_OBJECTIVES)} (the test scores are reported next to "
+                    "them in trials.csv)"
+                )
+        elif any(m in PATCH_OBJECTIVES for m in metrics):
+            raise ValueError(f"objectives {sorted(PATCH_OBJECTIVES)} belong to `kind: patch` sweeps only")
 
     @property
     def robustness_enabled(self) -> bool:
