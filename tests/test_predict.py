@@ -162,3 +162,141 @@ def test_bad_model_folder_is_one_sentence(tmp_path, trained):
     (bad / "head.safetensors").write_bytes(b"garbage")
     with pytest.raises(RaypathError, match="head.safetensors does not fit"):
         load_final_model(str(bad))
+
+
+# --------------------------------------------------------------------------- patch classifiers
+
+
+def _patch_cfg(wd: str, method: str = "linear"):
+    from raypath.patch.api import PatchConfig
+
+    return PatchConfig(workdir=wd, synth=True, model="tiny-vit", patch_px=64, mpp=0.5, shift_px=8, methods=[method],
+                       seeds=[42], synth_options={"n_domains": 2, "slides_per_domain": 2, "slide_px": 1024,
+                                                  "cells_per_slide": 20})
+
+
+@pytest.fixture(scope="module")
+def patch_trained(tmp_path_factory):
+    """A final linear probe fitted on the synthetic mitosis study's patches (tiny-vit features)."""
+    from raypath.patch.final import fit_final_patch
+
+    wd = str(tmp_path_factory.mktemp("patch_wd"))
+    return wd, fit_final_patch(_patch_cfg(wd), name="mito")
+
+
+@pytest.mark.parametrize("method", ["linear", "knn"])
+def test_saved_patch_model_round_trips_with_the_benchmark_probe(patch_trained, method, tmp_path):
+    from raypath.patch.api import _features
+    from raypath.patch.final import _prepare, fit_final_patch
+    from raypath.patch.methods import FitJob, get_method
+    from raypath.patch.protocols import Fit
+    from raypath.predict.patch_model import load_patch_model, save_patch_model
+
+    wd, model_dir = patch_trained
+    cfg = _patch_cfg(wd, method)
+    if method != "linear":
+        model_dir = fit_final_patch(cfg, name=f"mito-{method}")
+    model = load_patch_model(model_dir)
+    assert model.kind == "patch" and model.method == method and model.classes == ["imposter", "mitotic_figure"]
+    assert model.positive_class == "mitotic_figure" and model.identity["tiling"] == {"target_mpp": 0.5, "tile_px": 64}
+    assert model.identity["weights_sha256"] == "random:0" and len(model.trained_slides) == 4
+    ctx = _prepare(cfg, None)
+    x = _features(cfg, ctx, None)  # cached: not embedded again
+    rows = np.arange(len(x))
+    fit = Fit("final", "all", method, 1.0, 42, rows, rows[:0], {"all": rows})
+    job = FitJob(fit=fit, y=ctx["y"], classes=ctx["classes"], positive=1, cfg=cfg, features=x)
+    bench = get_method(method).run(job).probs["all"]  # what the benchmark's probe says on all patches
+    np.testing.assert_allclose(model.predict_proba(x), bench, rtol=1e-6, atol=1e-9)
+    copy = load_patch_model(save_patch_model(str(tmp_path / "copy"), model))
+    np.testing.assert_array_equal(copy.predict_proba(x), model.predict_proba(x))
+
+
+def test_patch_final_refuses_a_fine_tuned_method_in_one_sentence(tmp_path, capsys):
+    from raypath.cli import main
+
+    rc = main(["patch", "--workdir", str(tmp_path), "--synth", "--methods", "lora", "--final"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--methods linear" in err and "Traceback" not in err
+
+
+def test_patch_model_maps_every_tile_and_refuses_other_features(patch_trained, tmp_path, ray_session):
+    from PIL import Image
+
+    from raypath.embed.api import EmbedConfig, embed
+    from raypath.predict.api import PredictConfig, predict
+    from raypath.predict.heatmap import colorize
+    from raypath.predict.outputs import _extent
+    from raypath.report.folder import Folder
+    from raypath.report.index import classify, headline
+
+    wd, model_dir = patch_trained
+    new = str(tmp_path / "new")
+    res = predict(PredictConfig(model=model_dir, workdir=new, cohort=f"{wd}/mitosis_study/cohort.csv", heatmaps=2,
+                                gallery_tiles=1))
+    run = Path(res.run_dir)
+    tiles = pd.read_parquet(run / "tiles_predictions.parquet")
+    assert list(tiles.columns) == ["slide_id", "tile", "x", "y", "prob_imposter", "prob_mitotic_figure"]
+    np.testing.assert_allclose(tiles[["prob_imposter", "prob_mitotic_figure"]].sum(axis=1), 1.0)
+    pred = pd.read_parquet(run / "predictions.parquet")
+    assert pred["trained_on"].all() and set(pred["slide_id"]) == set(tiles["slide_id"])  # the training slides
+    one = pred.iloc[0]
+    t = tiles[tiles["slide_id"] == one["slide_id"]]
+    assert one["n_tiles"] == len(t) and one["mean_prob_mitotic_figure"] == pytest.approx(t["prob_mitotic_figure"].mean())
+    area = (64 * 0.5 / 1000) ** 2
+    assert one["density_mitotic_figure_per_mm2"] == pytest.approx((t["prob_mitotic_figure"] > 0.5).sum() / (len(t) * area))
+    assert len(res.metrics["heatmaps"]) == 2
+    for sid in res.metrics["heatmaps"]:  # the tile-resolution map carries each tile's probability (scale [0, 1])
+        t = tiles[tiles["slide_id"] == sid]
+        grid = np.asarray(Image.open(run / "heatmaps" / f"{sid}_prob_grid.png").convert("RGB"))
+        cells = np.rint((t[["x", "y"]].to_numpy() - t[["x", "y"]].to_numpy().min(0)) / _extent(t)).astype(int)
+        want = colorize(t["prob_mitotic_figure"].to_numpy(), vmax=1.0)
+        np.testing.assert_array_equal(grid[cells[:, 1], cells[:, 0]], want)
+        assert (run / "heatmaps" / f"{sid}_prob.png").exists() and (run / "heatmaps" / f"{sid}_prob_gallery.png").exists()
+    assert "Probability maps" in (run / "report.html").read_text()
+    kind, doc = classify(Folder(str(run)))
+    assert kind == "predict" and headline(kind, doc).startswith(f"patch model mito: {len(pred)} slides, {len(tiles)} tiles")
+    other = str(embed(EmbedConfig(workdir=new, model="tiny-vit", weights="random:3")).feature_dir)
+    with pytest.raises(RaypathError, match="does not match: weights_sha256 .*raypath tile --workdir .* --target-mpp 0.5 "
+                                           "--tile-px 64 && raypath embed --workdir .* --model tiny-vit --weights random:0"):
+        predict(PredictConfig(model=model_dir, workdir=new, features=other))
+
+
+def test_probability_overlay_pixels_carry_injected_probabilities():
+    from raypath.predict.heatmap import attention_grid, colorize, grid_png, overlay
+
+    coords = np.array([[0, 0], [50, 0], [100, 50]], dtype=float)
+    probs = np.array([0.05, 0.5, 0.8])  # the largest is not 1: colours stay on the [0, 1] scale
+    img = overlay(np.zeros((20, 30, 3), np.uint8), 0.2, coords, 50.0, probs, alpha=1.0, vmax=1.0)
+    want = colorize(probs, vmax=1.0)
+    assert not np.array_equal(want, colorize(probs))  # per-slide max scaling would give other colours
+    for (x, y), c in zip(coords, want):
+        assert tuple(img[int(y * 0.2) + 5, int(x * 0.2) + 5]) == tuple(c)
+    import io
+
+    from PIL import Image
+
+    grid, _ = attention_grid(coords, 50.0, probs)
+    png = np.asarray(Image.open(io.BytesIO(grid_png(grid, vmax=1.0))).convert("RGB"))
+    assert tuple(png[1, 2]) == tuple(want[2]) and tuple(png[1, 0]) == (255, 255, 255)
+
+
+def test_index_gives_predict_runs_a_kind_and_headline(tmp_path):
+    from raypath.report.folder import Folder
+    from raypath.report.index import classify, headline
+
+    def run(name: str, doc: dict):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(doc))
+        return classify(Folder(str(d)))
+
+    base = {"stage": "predict", "model": "w/models/final", "n_slides": 12, "failed": [{"slide_id": "x", "reason": "r"}]}
+    kind, doc = run("surv", {**base, "survival": {"c_index": 0.712, "ci_low": 0.6, "ci_high": 0.8, "n_patients": 10}})
+    assert kind == "predict"
+    assert headline(kind, doc) == ("model final: C-index 0.712 (95% CI 0.600\u20130.800) on 10 new patients (12 slides "
+                                   "scored); 1 slide(s) not scored")
+    kind, doc = run("plain", {**base, "failed": [], "note": "the cohort has no outcomes: predictions only"})
+    assert headline(kind, doc) == "model final: 12 slides scored, no outcomes"
+    kind, doc = run("cls", {**base, "failed": [], "classification": {"auroc": 0.9, "auroc_ci_low": 0.8,
+                                                                     "auroc_ci_high": 0.95, "n_slides": 12}})
+    assert headline(kind, doc).startswith("model final: AUROC 0.900 (95% CI 0.800\u20130.950) on 12 new slides")

@@ -12,6 +12,11 @@ def _run(args: argparse.Namespace) -> int:
     from raypath.patch.outputs import headline_sentences
 
     cfg = _config(args, PatchConfig)
+    if getattr(args, "final", False):
+        from raypath.patch.final import fit_final_patch
+
+        print(f"final patch model: {fit_final_patch(cfg, name=args.model_name)}")
+        return 0
     doc = run_patch(cfg)
     if doc.get("stopped"):
         print(f"patch: stopped after {doc['fits_done']} of {doc['fits_planned']} fits (--stop-after-fits); "
@@ -45,4 +50,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_config_arguments(p, PatchConfig)
+    final = p.add_argument_group("final model (for raypath predict)")
+    final.add_argument("--final", action="store_true", help="fit the one probe of --methods (linear or knn) on every "
+                       "labelled patch and save it to <workdir>/models/<name>/ instead of running the benchmark")
+    final.add_argument("--model-name", default=None, metavar="NAME",
+                       help="folder name under <workdir>/models/ (default <run>-final)")
     p.set_defaults(func=_run)

@@ -14,6 +14,10 @@ patient was in the training set), ``attention.parquet``, ``metrics.json``
 (with bootstrap CIs when the cohort has outcomes), ``km.png``,
 ``heatmaps/<slide>.png`` (attention on the thumbnail), ``heatmaps/<slide>_grid.png``
 (one pixel per tile), ``heatmaps/<slide>_gallery.png`` and ``report.html``.
+
+A patch classifier (``raypath patch --final``) is applied to every tile
+instead (:mod:`raypath.predict.tiles`): ``tiles_predictions.parquet``, a
+per-slide summary in ``predictions.parquet`` and probability maps.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ log = logging.getLogger(__name__)
 class PredictConfig(StageConfig):
     """Configuration of ``raypath predict``."""
 
-    model: str = Field(description="saved model folder (<workdir>/models/<name>/, written by `raypath mil --final`)")
+    model: str = Field(description="saved model folder (<workdir>/models/<name>/, written by `raypath mil --final` "
+                       "or `raypath patch --final`)")
     workdir: str = Field(description="project folder (local or s3://) with the new slides (slides.parquet, features/)")
     features: str | None = Field(None, description="feature folder or model key (default: the store matching the model)")
     cohort: str | None = Field(
@@ -46,7 +51,8 @@ class PredictConfig(StageConfig):
     weights: str | None = Field(None, description="FM weights for --cohort (checked against the model's recorded sha256)")
     adapter: str | None = Field(None, description="peft adapter folder for --cohort when the model was trained on adapted features")
     run: str | None = Field(None, description="run name under <workdir>/runs/ (default predict-<model name>)")
-    heatmaps: int = Field(8, ge=0, description="slides that get attention heatmaps (highest risk / probability first)")
+    heatmaps: int = Field(8, ge=0, description="slides that get attention heatmaps (highest risk / probability first; "
+                          "patch models: probability maps, highest mean probability first)")
     gallery_tiles: int = Field(6, ge=0, description="top and bottom tiles per heatmap gallery")
     num_tasks: int = Field(0, ge=0, description="Ray tasks that score slides in parallel (0 = in this process)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples over patients for the metrics' 95 percent CIs")
@@ -58,6 +64,7 @@ class PredictResult:
     predictions: pd.DataFrame
     metrics: dict
     failed: pd.DataFrame
+    tiles: pd.DataFrame | None = None  # patch models: the probabilities of every tile
 
 
 # --------------------------------------------------------------------------- features
@@ -236,7 +243,10 @@ def predict(cfg: PredictConfig) -> PredictResult:
     from raypath.embed.store import FeatureStore
     from raypath.predict.outputs import write_outputs
 
-    meta, module = load_final_model(cfg.model)
+    from raypath.predict.patch_model import load_patch_model, model_kind
+
+    patch = model_kind(cfg.model) == "patch"
+    meta, module = (load_patch_model(cfg.model), None) if patch else load_final_model(cfg.model)
     feature_dir = prepare_raw(cfg, meta) if cfg.cohort else match_features(cfg, meta)
     slides, failed = _slides(cfg.workdir, FeatureStore(feature_dir).slide_ids())
     check_store(feature_dir, slides=slides)  # features made from other slide files than slides.parquet lists
@@ -244,6 +254,11 @@ def predict(cfg: PredictConfig) -> PredictResult:
         log.warning("slide %s not scored: %s", row.slide_id, row.reason)
     if len(slides) == 0:
         raise RaypathError(f"no slide of {cfg.workdir!r} has features in {feature_dir!r}: run ingest, tile and embed")
+    if patch:  # a patch classifier: every tile gets class probabilities (raypath.predict.tiles)
+        from raypath.predict.tiles import predict_tiles
+
+        run_dir, pred, tiles, metrics = predict_tiles(cfg, meta, feature_dir, slides, failed)
+        return PredictResult(run_dir, pred, metrics, failed, tiles)
     pred, att = score_all(meta, module.state_dict(), feature_dir, slides["slide_id"].tolist(), cfg.num_tasks)
     keep = [c for c in ("slide_id", "patient_id", "cohort", "time", "event", "label") if c in slides.columns]
     pred = slides[keep].merge(pred, on="slide_id", how="right")
@@ -271,8 +286,10 @@ def add_cli(subparsers) -> None:
         "(--features, or the store whose identity matches the model's) or from raw slides in one command (--cohort: "
         "ingest, tile and embed with the model's FM, adapter and tiling, the weights checked against the recorded "
         "sha256). Writes <workdir>/runs/<run>/: predictions.parquet, attention.parquet, metrics.json (bootstrap CIs "
-        "over patients when the cohort has outcomes), km.png, heatmaps/ and report.html. Exit 3 when some slides "
-        "could not be scored (listed in the output).",
+        "over patients when the cohort has outcomes), km.png, heatmaps/ and report.html. A patch model (raypath patch "
+        "--final) classifies every tile instead: tiles_predictions.parquet, a per-slide summary (mean probability, "
+        "tiles over 0.5 per mm2) and per-slide probability maps. Exit 3 when some slides could not be scored "
+        "(listed in the output).",
     )
     add_config_arguments(p, PredictConfig)
 

@@ -1,4 +1,4 @@
-"""Attention heatmaps: where a MIL head looked, drawn over the slide.
+"""Attention heatmaps (where a MIL head looked) and per-tile probability maps, drawn over the slide.
 
 * :func:`attention_grid` -- the tile grid at tile resolution (one cell per
   tile position, NaN where no tile): the full-resolution map as an array,
@@ -7,8 +7,9 @@
   tile's footprint filled with its colour blended over the tissue.
 * :func:`gallery_png` -- the top and bottom tiles by attention.
 
-Colours come from one colormap over [0, max attention of the slide], so a
-pixel's colour maps back to the value of its tile (tests check it).
+Colours come from one colormap over [0, max attention of the slide] (over
+[0, 1] for probabilities: ``vmax=1``), so a pixel's colour maps back to the
+value of its tile (tests check it).
 """
 
 from __future__ import annotations
@@ -49,21 +50,22 @@ def colorize(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
     return rgb
 
 
-def grid_png(grid: np.ndarray) -> bytes:
+def grid_png(grid: np.ndarray, vmax: float | None = None) -> bytes:
     """The tile-resolution map as a PNG (one pixel per tile position)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(colorize(grid)).save(buf, format="PNG")
+    Image.fromarray(colorize(grid, vmax)).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def overlay(thumb: np.ndarray, scale: float, coords: np.ndarray, extent: float, values: np.ndarray,
-            alpha: float = 0.6) -> np.ndarray:
+            alpha: float = 0.6, vmax: float | None = None) -> np.ndarray:
     """``thumb`` (uint8 RGB, ``scale`` thumbnail px per level-0 px) with each
-    tile's footprint blended with the colour of its value."""
+    tile's footprint blended with the colour of its value (scale [0, ``vmax``],
+    default the largest value)."""
     out = np.asarray(thumb, dtype=np.float64).copy()
-    colors = colorize(np.asarray(values, dtype=np.float64)).astype(np.float64)
+    colors = colorize(np.asarray(values, dtype=np.float64), vmax).astype(np.float64)
     h, w = out.shape[:2]
     side = max(int(round(extent * scale)), 1)
     for (x, y), c in zip(np.asarray(coords, dtype=np.float64).reshape(-1, 2), colors.reshape(-1, 3)):
@@ -74,28 +76,30 @@ def overlay(thumb: np.ndarray, scale: float, coords: np.ndarray, extent: float, 
     return out.round().astype(np.uint8)
 
 
-def overlay_png(thumb: np.ndarray, scale: float, coords, extent: float, values, title: str) -> bytes:
-    """The overlay with a colour bar and a title, as PNG bytes."""
+def overlay_png(thumb: np.ndarray, scale: float, coords, extent: float, values, title: str,
+                vmax: float | None = None, label: str = "attention") -> bytes:
+    """The overlay with a colour bar (``label``, [0, ``vmax``]) and a title, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img = overlay(thumb, scale, coords, extent, values)
+    img = overlay(thumb, scale, coords, extent, values, vmax=vmax)
     fig, ax = plt.subplots(figsize=(6, 6 * img.shape[0] / max(img.shape[1], 1) + 0.6))
     ax.imshow(img)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=plt.Normalize(0, float(np.max(values)) if len(values) else 1))
-    fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label="attention")
+    top = vmax if vmax is not None else (float(np.max(values)) if len(values) else 1)
+    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=plt.Normalize(0, top))
+    fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label=label)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def gallery_png(top: list[np.ndarray], bottom: list[np.ndarray], title: str) -> bytes:
-    """Two rows of tiles: highest and lowest attention."""
+def gallery_png(top: list[np.ndarray], bottom: list[np.ndarray], title: str, value: str = "attention") -> bytes:
+    """Two rows of tiles: highest and lowest ``value``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,7 +107,7 @@ def gallery_png(top: list[np.ndarray], bottom: list[np.ndarray], title: str) -> 
 
     n = max(len(top), len(bottom), 1)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
-    for r, (row, name) in enumerate(((top, "highest attention"), (bottom, "lowest attention"))):
+    for r, (row, name) in enumerate(((top, f"highest {value}"), (bottom, f"lowest {value}"))):
         for c in range(n):
             ax = axes[r][c]
             ax.set_axis_off()

@@ -87,7 +87,7 @@ def load_final_model(model_dir: str):
     if not exists(meta_uri) or not exists(weights_uri):
         raise RaypathError(
             f"{model_dir!r} is not a saved raypath model (no {META_FILE} / {WEIGHTS_FILE}): train one with "
-            "`raypath mil --final --workdir W --features F`"
+            "`raypath mil --final --workdir W --features F` (a patch classifier with `raypath patch --final`)"
         )
     damaged = f"{model_dir!r} holds a damaged or incomplete saved model"
     remedy = "save it again with `raypath mil --final`"

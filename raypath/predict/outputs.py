@@ -100,18 +100,24 @@ def _extent(att: pd.DataFrame) -> float:
     return min(best) if best else 224.0
 
 
+def slide_thumbnail(uri: str, side: int = 1024) -> tuple[np.ndarray, float]:
+    """``(thumbnail uint8 RGB, thumbnail px per level-0 px)`` of the slide at ``uri``."""
+    from raypath.wsi.slide_io import opened_slide
+
+    with opened_slide(uri) as s:
+        w, _ = s.dimensions
+        thumb = np.asarray(s.get_thumbnail((side, side)).convert("RGB"))
+    return thumb, thumb.shape[1] / float(w)
+
+
 def slide_heatmaps(cfg, run_dir: str, slide: pd.Series, att: pd.DataFrame, title: str) -> list[str]:
     """Overlay on the thumbnail, the tile-resolution grid and the top/bottom gallery of one slide."""
     from raypath.predict.heatmap import attention_grid, grid_png, overlay_png
-    from raypath.wsi.slide_io import opened_slide
 
     sid, extent = str(slide["slide_id"]), _extent(att)
     coords, values = att[["x", "y"]].to_numpy(), att["attention"].to_numpy()
     files = []
-    with opened_slide(str(slide["uri"])) as s:
-        w, h = s.dimensions
-        thumb = np.asarray(s.get_thumbnail((1024, 1024)).convert("RGB"))
-    scale = thumb.shape[1] / float(w)
+    thumb, scale = slide_thumbnail(str(slide["uri"]))
     atomic_write_bytes(join(run_dir, "heatmaps", f"{sid}.png"), overlay_png(thumb, scale, coords, extent, values, title))
     grid, _ = attention_grid(coords, extent, values)
     atomic_write_bytes(join(run_dir, "heatmaps", f"{sid}_grid.png"), grid_png(grid))
@@ -121,21 +127,23 @@ def slide_heatmaps(cfg, run_dir: str, slide: pd.Series, att: pd.DataFrame, title
     return files
 
 
-def _gallery(cfg, run_dir: str, slide: pd.Series, att: pd.DataFrame, title: str) -> str:
+def _gallery(cfg, run_dir: str, slide: pd.Series, att: pd.DataFrame, title: str, column: str = "attention",
+             name: str = "gallery", label: str = "attention") -> str:
+    """``heatmaps/<slide>_<name>.png``: the tiles with the highest and lowest ``column``."""
     from raypath.predict.heatmap import gallery_png
     from raypath.wsi.tile_images import read_tile_dict
     from raypath.wsi.tile_table import read_slide_tiles
 
     sid = str(slide["slide_id"])
-    order = att.sort_values("attention", ascending=False)["tile_id"].astype(int).tolist()
+    order = att.sort_values(column, ascending=False)["tile_id"].astype(int).tolist()
     k = min(cfg.gallery_tiles, len(order) // 2 or 1)
     top, bottom = order[:k], order[::-1][:k]
     tiles = read_slide_tiles(cfg.workdir, sid)
     tiles = tiles[tiles["tile_id"].astype(int).isin(set(top + bottom))]
     imgs = read_tile_dict(str(slide["uri"]), tiles)
-    png = gallery_png([imgs[t] for t in top if t in imgs], [imgs[t] for t in bottom if t in imgs], title)
-    atomic_write_bytes(join(run_dir, "heatmaps", f"{sid}_gallery.png"), png)
-    return f"heatmaps/{sid}_gallery.png"
+    png = gallery_png([imgs[t] for t in top if t in imgs], [imgs[t] for t in bottom if t in imgs], title, label)
+    atomic_write_bytes(join(run_dir, "heatmaps", f"{sid}_{name}.png"), png)
+    return f"heatmaps/{sid}_{name}.png"
 
 
 def write_heatmaps(cfg, run_dir: str, pred: pd.DataFrame, att: pd.DataFrame, slides: pd.DataFrame,

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 #: QC thumbnails inlined on the index (all of them stay one click away in qc/)
 QC_STRIP_MAX = 48
 KINDS = ("runs", "sweeps", "adapters")
+#: Run kinds whose stage writes its own report.html (kept by `raypath report`).
+OWN_PAGE = ("patch", "predict")
 
 
 # --------------------------------------------------------------------------- study card
@@ -125,6 +127,8 @@ def classify(sub: Folder) -> tuple[str, dict | None]:
     if isinstance(summary, dict) and summary.get("stage") == "patch":
         return "patch", summary  # `raypath patch` writes its own page (raypath.patch.outputs)
     doc = sub.json_or_none("metrics.json") if "metrics.json" in names else None
+    if isinstance(doc, dict) and doc.get("stage") == "predict":
+        return "predict", doc  # `raypath predict` writes its own page (raypath.predict)
     if M.is_mil(doc):
         return "mil", doc
     return ("other", doc) if names else ("empty", None)
@@ -154,9 +158,37 @@ def headline(kind: str, doc: dict | None) -> str:
         return f"before \u2192 after adaptation: {site}mean held-out C-index {num(b)} \u2192 {num(a)}"
     if kind == "patch":
         return " ".join((doc.get("sentences") or [])[:2]) or f"patch classification, {doc.get('fits', '?')} fits"
+    if kind == "predict":
+        return predict_headline(doc)
     if kind == "adapter":
         return f"{str(doc.get('method', '')).upper()} r={doc.get('rank')} on {doc.get('model')}, {doc.get('epochs')} epochs"
     return "outputs without a headline (open the page)"
+
+
+def _ci(v: Any, lo: Any, hi: Any) -> str:
+    ci = f" (95% CI {num(lo)}\u2013{num(hi)})" if is_number(lo) and is_number(hi) and lo == lo and hi == hi else ""
+    return f"{num(v)}{ci}"
+
+
+def predict_headline(doc: dict) -> str:
+    """One line for a ``raypath predict`` run: its metric with the CI, or what was scored."""
+    model = str(doc.get("model") or "?").rstrip("/").rsplit("/", 1)[-1]
+    n, failed = doc.get("n_slides", "?"), len(doc.get("failed") or [])
+    tail = f"; {failed} slide(s) not scored" if failed else ""
+    if doc.get("model_kind") == "patch":
+        pos, h = doc.get("positive", "?"), doc.get("headline") or {}
+        return (f"patch model {model}: {n} slides, {doc.get('n_tiles', '?')} tiles scored; mean P({pos}) "
+                f"{num(h.get(f'mean_prob_{pos}'))}, median {num(h.get(f'median_density_{pos}_per_mm2'))} "
+                f"tiles over 0.5 per mm\u00b2{tail}")
+    if isinstance(doc.get("survival"), dict):
+        s = doc["survival"]
+        return (f"model {model}: C-index {_ci(s.get('c_index'), s.get('ci_low'), s.get('ci_high'))} on "
+                f"{s.get('n_patients', '?')} new patients ({n} slides scored){tail}")
+    c = doc.get("classification")
+    if isinstance(c, dict) and "auroc" in c:
+        return (f"model {model}: AUROC {_ci(c.get('auroc'), c.get('auroc_ci_low'), c.get('auroc_ci_high'))} on "
+                f"{c.get('n_slides', '?')} new slides ({n} slides scored){tail}")
+    return f"model {model}: {n} slides scored, no outcomes{tail}"
 
 
 def lodo_tables(runs: list[dict]) -> list[dict[str, Any]]:
@@ -234,7 +266,7 @@ def context(folder: Folder, linked: set[str] | None = None) -> dict[str, Any]:
     internal = [{"run": r["name"], "href": r["href"], "verdict": M.verdict(r["doc"])}
                 for r in own if r["kind"] == "mil" and r["doc"].get("protocol") != "lodo"]
     experiments = [{"run": r["name"], "href": r["href"], "verdict": r["headline"]}
-                   for r in runs if r["kind"] in ("experiment", "comparison", "sweep", "patch") and r in own]
+                   for r in runs if r["kind"] in ("experiment", "comparison", "sweep", "patch", "predict") and r in own]
     files = set(folder.files(max_depth=1))
     project = [f for f in ("cohort.csv", "slides.parquet", "tiles.parquet", "tiling_summary.parquet")
                if f in files or folder.exists(f)]

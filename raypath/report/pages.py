@@ -327,8 +327,8 @@ def write_index_report(workdir: str, s3: S3Options | None = None) -> list[str]:
     written, linked = [], set()
     for rel in folders:
         try:
-            if I.classify(folder.sub(rel))[0] == "patch" and folder.exists(f"{rel}/{REPORT_FILE}"):
-                linked.add(rel)  # the patch benchmark's own page is kept
+            if I.classify(folder.sub(rel))[0] in I.OWN_PAGE and folder.exists(f"{rel}/{REPORT_FILE}"):
+                linked.add(rel)  # the patch benchmark's and predict's own pages are kept
                 continue
             written.append(write_run_report(join(workdir, rel), s3, linked=renderable))
             linked.add(rel)
@@ -364,8 +364,8 @@ def report(path: str, compare_to: str | None = None, out: str | None = None,
         return [uri]
     if any(folder.isdir(k) for k in I.KINDS) or folder.exists("slides.parquet"):
         return write_index_report(path, s3)
-    if I.classify(folder)[0] == "patch" and folder.exists(REPORT_FILE) and not out:
-        return [join(path, REPORT_FILE)]  # the patch benchmark writes its own page
+    if I.classify(folder)[0] in I.OWN_PAGE and folder.exists(REPORT_FILE) and not out:
+        return [join(path, REPORT_FILE)]  # the patch benchmark and predict write their own pages
     uri = out or join(path, REPORT_FILE)
     atomic_write_bytes(uri, render_run(path, s3).encode(), s3)
     return [uri]
