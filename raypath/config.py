@@ -189,12 +189,15 @@ def _field_extra(field) -> dict[str, Any]:
     return extra if isinstance(extra, dict) else {}
 
 
-def help_group(name: str, field) -> str:
-    """The ``--help`` section of a field (see :data:`HELP_GROUPS`)."""
+def help_group(name: str, field, default: str | None = None) -> str:
+    """The ``--help`` section of a field (see :data:`HELP_GROUPS`).  ``default``
+    (a config's ``help_section``, e.g. "generated study" for ``synth``) takes
+    every field that is not an input/output or a Ray resource."""
     group = _field_extra(field).get("group")
     if group:
         return group
-    return next((g for pattern, g in _GROUP_RULES if re.match(pattern, name)), "other options")
+    group = next((g for pattern, g in _GROUP_RULES if re.match(pattern, name)), "other options")
+    return default if default and group not in ("inputs and outputs", "Ray resources") else group
 
 
 def _clean_help(text: str) -> str:
@@ -245,13 +248,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[StageConfi
     ``Field(..., json_schema_extra={"flag": "--features", "aliases": ["--feature-dir"]})``.
     """
     fields = list(model.model_fields.items())
-    used = {help_group(n, f) for n, f in fields} | {"inputs and outputs"}
+    section = getattr(model, "help_section", None)
+    used = {help_group(n, f, section) for n, f in fields} | {"inputs and outputs"}
     groups = {g: parser.add_argument_group(g) for g in HELP_GROUPS if g in used}
     groups.update({g: parser.add_argument_group(g) for g in sorted(used - set(groups))})
     groups["inputs and outputs"].add_argument("--config", metavar="FILE.yaml",
                                               help="YAML file with any of the options below; flags win [default: none]")
     for name, field in fields:
-        _add_field(groups[help_group(name, field)], parser, name, field)
+        _add_field(groups[help_group(name, field, section)], parser, name, field)
     _add_storage_arguments(parser, model)
 
 

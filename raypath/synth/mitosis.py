@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -93,6 +93,8 @@ BOX_PX = 50
 
 class MitosisConfig(StageConfig):
     """Parameters of the synthetic mitotic-figure benchmark (``raypath synth --kind mitosis``)."""
+
+    help_section: ClassVar[str] = "generated study"  # --help puts the study's knobs in one section
 
     out: str = Field(description="output folder (local path or s3://bucket/prefix)")
     n_domains: int = Field(3, ge=1, le=26, description="tumour domains (tumour type + lab + scanner)")

@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -81,6 +81,8 @@ BASE_PREVALENCE = 0.4
 
 class SynthConfig(StageConfig):
     """Parameters of a synthetic multi-cohort study (``raypath synth``)."""
+
+    help_section: ClassVar[str] = "generated study"  # --help puts the study's knobs in one section
 
     out: str = Field(description="output folder (local path or s3://bucket/prefix)")
     n_cohorts: int = Field(3, ge=1, le=26, description="number of cohorts (one site each)")
