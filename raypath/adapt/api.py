@@ -43,13 +43,12 @@ from raypath.adapt import augment as aug
 from raypath.wsi.reader import read_tiles
 from raypath.wsi.tile_images import load_tile_images
 from raypath.adapt import dino, dino_train
-from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.config import add_config_arguments, config_from_args
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, filesystem_for, is_remote, join, read_parquet, strip_protocol, write_parquet_atomic
 from raypath.train.checkpoint import COMPLETE
 from raypath.train.checkpoint import latest_checkpoint as _latest_under
 from raypath.train.context import LocalContext, SimulatedKill, TrainContext  # noqa: F401 (SimulatedKill: re-exported)
-from raypath.train.precision import AMP_HELP
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,9 @@ KEEP_CHECKPOINTS = 2
 _RESUMABLE_CHANGES = {"workdir", "epochs", "num_workers", "use_gpu", "checkpoint_every_epochs", "device", "stop_after_epochs", "batch_size", "amp"}
 
 
-class AdaptConfig(StageConfig):
-    """Parameters of ``raypath adapt`` (defaults = the paper's, METHODS.md §1)."""
+class AdaptConfig(dino_train.DinoSettings):
+    """Parameters of ``raypath adapt`` (defaults = the paper's, METHODS.md §1;
+    the DINO settings are :class:`raypath.adapt.dino_train.DinoSettings`)."""
 
     workdir: str = Field(..., description="project folder with slides.parquet and tiles.parquet (local or s3://)")
     model: str = Field("phikon", description="registry key of the foundation model")
@@ -75,37 +75,10 @@ class AdaptConfig(StageConfig):
     alpha: float = Field(16.0, gt=0, description="adapter scaling alpha (scale = alpha / r)")
     dropout: float = Field(0.1, ge=0, lt=1, description="adapter dropout")
     target_modules: list[str] | None = Field(None, description="module-name suffixes to adapt; default: the model spec's")
-    augmentation: Literal["weak", "strong", "heavy", "max"] = Field("heavy", description="augmentation level")
-    strength: float | None = Field(None, ge=0, le=1, description="continuous augmentation strength in [0,1] (wins over --augmentation)")
-    n_local_crops: int = Field(8, ge=0, description="local crops per tile (plus 2 global)")
-    epochs: int = Field(100, ge=1)
-    warmup_epochs: int = Field(10, ge=0, description="linear lr warm-up epochs (capped at epochs-1)")
-    lr: float = Field(5e-4, gt=0, description="peak lr at a global batch of 256 (scaled linearly with the batch)")
-    min_lr: float = Field(1e-6, ge=0)
-    weight_decay: float = Field(0.04, ge=0)
-    weight_decay_end: float = Field(0.4, ge=0)
-    momentum_teacher: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at the start (cosine to 1)")
-    teacher_temp: float = Field(0.04, gt=0)
-    student_temp: float = Field(0.1, gt=0)
-    center_momentum: float = Field(0.9, ge=0, le=1)
-    clip_grad: float = Field(3.0, ge=0, description="per-parameter gradient norm clip (0 = off)")
-    freeze_last_layer_epochs: int = Field(1, ge=0, description="epochs with the DINO head's last layer frozen")
-    head_hidden_dim: int | None = Field(None, description="DINO head hidden width (default 2048; scaled down for tiny models)")
-    head_bottleneck_dim: int | None = Field(None, description="DINO head bottleneck (default 256)")
-    head_out_dim: int | None = Field(None, description="DINO head prototypes (default 65536)")
-    batch_size: int = Field(32, ge=1, description="tiles per step per worker")
-    tiles_per_slide: int = Field(10, ge=1, description="random tiles per slide, drawn once")
     cohorts: list[str] | None = Field(None, description="older name of --tune-cohorts")
     tune_cohorts: list[str] | None = Field(None, description="cohorts to tune on (required unless --tune-slides; 'all' = every cohort, on purpose: no cohort is then external for the features it embeds)")
     tune_slides: list[str] | None = Field(None, description="tune on exactly these slides (e.g. a LODO fold's planned training slides); wins over --tune-cohorts")
-    num_workers: int = Field(0, ge=0, description="0 = train in this process; >= 1 = Ray Train DDP workers")
-    use_gpu: bool | None = Field(None, description="Ray workers use GPUs (default: if the cluster has them)")
-    device: str = Field("auto", description="in-process device: auto, cpu, cuda")
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
-    checkpoint_every_epochs: int = Field(1, ge=1)
     run: str = Field("dora", description="run name: outputs in <workdir>/adapters/<run>/; the same name resumes")
-    seed: int = 0
-    stop_after_epochs: int | None = Field(None, description="testing aid: stop as if killed after this many epochs (checkpoint first)")
 
 
 @dataclass

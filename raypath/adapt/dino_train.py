@@ -24,21 +24,58 @@ import os
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from raypath.adapt import augment as aug
 from raypath.adapt import dino
+from raypath.config import StageConfig
 from raypath.errors import RaypathError
 from raypath.train.context import SimulatedKill, TrainContext
+from raypath.train.precision import AMP_HELP
 
 log = logging.getLogger(__name__)
 
 CKPT_TENSORS = "dino_state.safetensors"  # trainable weights of student and teacher, centre
 CKPT_STATE = "train_state.pt"  # optimiser state, epoch, metrics so far, config
+
+
+class DinoSettings(StageConfig):
+    """The DINO v1 settings shared by ``raypath adapt`` (an adapter on a frozen FM)
+    and ``raypath pretrain`` (a small ViT from scratch): the loop below reads them.
+    Defaults are the DoRA paper's (METHODS.md §1); a subclass overrides sizes."""
+
+    augmentation: Literal["weak", "strong", "heavy", "max"] = Field("heavy", description="augmentation level")
+    strength: float | None = Field(None, ge=0, le=1, description="continuous augmentation strength in [0,1] (wins over --augmentation)")
+    n_local_crops: int = Field(8, ge=0, description="local crops per tile (plus 2 global)")
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: int = Field(10, ge=0, description="linear lr warm-up epochs (capped at epochs-1)")
+    lr: float = Field(5e-4, gt=0, description="peak lr at a global batch of 256 (scaled linearly with the batch)")
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    momentum_teacher: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at the start (cosine to 1)")
+    teacher_temp: float = Field(0.04, gt=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    clip_grad: float = Field(3.0, ge=0, description="per-parameter gradient norm clip (0 = off)")
+    freeze_last_layer_epochs: int = Field(1, ge=0, description="epochs with the DINO head's last layer frozen")
+    head_hidden_dim: int | None = Field(None, description="DINO head hidden width (default 2048; 4 x width for small models)")
+    head_bottleneck_dim: int | None = Field(None, description="DINO head bottleneck (default 256; the width for small models)")
+    head_out_dim: int | None = Field(None, description="DINO head prototypes (default 65536; 8 x hidden for small models)")
+    batch_size: int = Field(32, ge=1, description="tiles per step per worker")
+    tiles_per_slide: int = Field(10, ge=1, description="random tiles per slide, drawn once")
+    num_workers: int = Field(0, ge=0, description="0 = train in this process; >= 1 = Ray Train DDP workers")
+    use_gpu: bool | None = Field(None, description="Ray workers use GPUs (default: if the cluster has them)")
+    device: str = Field("auto", description="in-process device: auto, cpu, cuda")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    seed: int = Field(0, description="seed of the tile draw, crops, dropout (and a from-scratch init)")
+    stop_after_epochs: int | None = Field(None, description="testing aid: stop as if killed after this many epochs (checkpoint first)")
 
 
 def seed_of(*parts: Any) -> int:

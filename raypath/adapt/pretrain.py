@@ -35,11 +35,10 @@ import torch
 from pydantic import Field
 
 from raypath.adapt import dino, dino_train
-from raypath.config import StageConfig, add_config_arguments, config_from_args
+from raypath.config import add_config_arguments, config_from_args
 from raypath.errors import RaypathError
 from raypath.io.storage import atomic_write_bytes, exists, is_remote, join, open_file, read_parquet, strip_protocol, write_parquet_atomic
 from raypath.train.context import LocalContext
-from raypath.train.precision import AMP_HELP
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,9 @@ _MAY_CHANGE = frozenset({"workdir", "out", "epochs", "num_workers", "use_gpu", "
                          "amp", "stop_after_epochs", "weights_dtype"})
 
 
-class PretrainConfig(StageConfig):
-    """Parameters of ``raypath pretrain`` (DINO v1 defaults; sizes for a small ViT)."""
+class PretrainConfig(dino_train.DinoSettings):
+    """Parameters of ``raypath pretrain`` (the DINO settings of
+    :class:`raypath.adapt.dino_train.DinoSettings`, sized for a small ViT)."""
 
     workdir: str = Field(..., description="project folder with slides.parquet and tiles.parquet (local or s3://)")
     model: str = Field("raypath-small", description="registry key of the architecture trained from random init")
@@ -60,33 +60,9 @@ class PretrainConfig(StageConfig):
     out: str | None = Field(None, description="output folder (default <workdir>/pretrain/<run>)")
     cohorts: list[str] | None = Field(None, description="cohorts to train on (default: every usable slide)")
     tiles_per_slide: int = Field(50, ge=1, description="random tiles per slide, drawn once")
-    augmentation: Literal["weak", "strong", "heavy", "max"] = Field("heavy", description="augmentation level")
-    strength: float | None = Field(None, ge=0, le=1, description="continuous augmentation strength in [0,1] (wins over --augmentation)")
     n_local_crops: int = Field(6, ge=0, description="local crops per tile (plus 2 global)")
-    epochs: int = Field(100, ge=1)
-    warmup_epochs: int = Field(10, ge=0, description="linear lr warm-up epochs (capped at epochs-1)")
-    lr: float = Field(5e-4, gt=0, description="peak lr at a global batch of 256 (scaled linearly with the batch)")
-    min_lr: float = Field(1e-6, ge=0)
-    weight_decay: float = Field(0.04, ge=0)
-    weight_decay_end: float = Field(0.4, ge=0)
-    momentum_teacher: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at the start (cosine to 1)")
-    teacher_temp: float = Field(0.04, gt=0)
-    student_temp: float = Field(0.1, gt=0)
-    center_momentum: float = Field(0.9, ge=0, le=1)
-    clip_grad: float = Field(3.0, ge=0, description="per-parameter gradient norm clip (0 = off)")
-    freeze_last_layer_epochs: int = Field(1, ge=0, description="epochs with the DINO head's last layer frozen")
-    head_hidden_dim: int | None = Field(None, description="DINO head hidden width (default: 4 x width, at least 64)")
-    head_bottleneck_dim: int | None = Field(None, description="DINO head bottleneck (default: the width)")
-    head_out_dim: int | None = Field(None, description="DINO head prototypes (default: 8 x hidden)")
     batch_size: int = Field(64, ge=1, description="tiles per step per worker")
-    num_workers: int = Field(0, ge=0, description="0 = train in this process; >= 1 = Ray Train DDP workers")
-    use_gpu: bool | None = Field(None, description="Ray workers use GPUs (default: if the cluster has them)")
-    device: str = Field("auto", description="in-process device: auto, cpu, cuda")
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description=AMP_HELP)
-    checkpoint_every_epochs: int = Field(1, ge=1)
-    seed: int = Field(0, description="seed of the random init, the tile draw, crops and dropout")
     weights_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the published model.safetensors (float16 halves the file; loading casts back)")
-    stop_after_epochs: int | None = Field(None, description="testing aid: stop as if killed after this many epochs (checkpoint first)")
 
 
 @dataclass
@@ -129,8 +105,9 @@ def build_student(cfg: PretrainConfig, device: str | torch.device = "cpu") -> to
 def command_of(cfg: PretrainConfig) -> str:
     """The ``raypath pretrain`` command line that reproduces ``cfg`` (non-default fields)."""
     parts = ["raypath", "pretrain"]
-    for name, field in PretrainConfig.model_fields.items():
-        v = getattr(cfg, name)
+    fields = PretrainConfig.model_fields
+    for name in sorted(fields, key=lambda n: not fields[n].is_required()):  # --workdir first
+        field, v = fields[name], getattr(cfg, name)
         if not field.is_required() and v == field.default:
             continue
         flag = "--" + name.replace("_", "-")
