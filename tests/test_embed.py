@@ -52,9 +52,10 @@ def make_workdir(root: Path, n_synth: int = 2, corrupt: bool = False, stride_px:
     return root, sdf, tdf
 
 
-def direct_features(uri: str, tiles: pd.DataFrame, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def direct_features(uri: str, tiles: pd.DataFrame, batch_size: int = 64,
+                    prompts: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The same computation without Ray: reader + fixed-shape embedder, sorted by tile_id."""
-    emb = TileEmbedder(MODEL, None, None, batch_size, device="cpu", num_threads=1)
+    emb = TileEmbedder(MODEL, None, None, batch_size, device="cpu", num_threads=1, prompts=prompts)
     ids, feats = [], []
     for tid, imgs in read_tiles(uri, tiles, batch_tiles=batch_size):
         ids.append(tid)
@@ -198,3 +199,30 @@ def test_missing_inputs_and_bad_model_are_clear(tmp_path):
         embed(EmbedConfig(workdir=str(tmp_path), model=MODEL))
     with pytest.raises(RaypathError, match="Known models"):
         embed(EmbedConfig(workdir=str(tmp_path), model="univ2"))
+
+
+def test_embed_with_pathotune_prompts_runs_on_ray(local_run, tmp_path):
+    """`raypath embed --prompts FILE` through the Ray Data actor pool: the features are the tuned network's,
+    the store is a separate one named by the prompt file's sha256."""
+    import torch
+
+    from raypath.fm.backbone import load_backbone
+    from raypath.fm.pathotune import PathoTuneConfig, apply_pathotune, save_pathotune
+
+    root, sdf, tdf, plain = local_run
+    bb = load_backbone(MODEL)
+    torch.manual_seed(0)
+    tuned = apply_pathotune(bb, PathoTuneConfig(n_tokens=4, ttp=False, ivp=False), text_embedding=None)
+    path = str(tmp_path / "prompts.safetensors")
+    sha = save_pathotune(tuned, path)
+    res = embed(EmbedConfig(workdir=str(root), model=MODEL, prompts=path, slide_ids=["s0"]))
+    assert res.feature_dir != plain.feature_dir
+    m = json.loads((Path(res.feature_dir) / "manifest.json").read_text())
+    assert m.get("prompt_sha256") == sha or sha in json.dumps(m)
+    bag = FeatureStore(str(res.feature_dir)).load_bag("s0")
+    uri = sdf.set_index("slide_id").loc["s0", "uri"]
+    ids, plain_feats = direct_features(uri, tdf[tdf.slide_id == "s0"])
+    ids_t, tuned_feats = direct_features(uri, tdf[tdf.slide_id == "s0"], prompts=path)
+    assert np.array_equal(bag.tile_ids, ids) and np.array_equal(ids, ids_t)
+    assert not np.allclose(bag.features, plain_feats, atol=1e-3)  # the prompts changed the features
+    np.testing.assert_allclose(bag.features, tuned_feats, atol=1e-5)  # ... into the tuned network's
