@@ -378,10 +378,24 @@ def _from_hub(spec: ModelSpec) -> list[Path]:
     )
 
 
+def bundled_weights(spec: ModelSpec) -> Path:
+    """The weights file shipped in the package for ``spec``, its sha256 checked."""
+    path = Path(__file__).resolve().parents[1] / "data" / str(spec.bundled)
+    if not path.is_file():
+        raise RaypathError(f"the weights of {spec.key!r} ({path}) are missing from this installation: "
+                           "reinstall raypath, or pass --weights /path/model.safetensors")
+    sha = sha256_file(path)
+    if spec.bundled_sha256 and sha != spec.bundled_sha256:
+        raise RaypathError(f"the weights of {spec.key!r} ({path}) have sha256 {sha[:12]}..., not the recorded "
+                           f"{spec.bundled_sha256[:12]}...: the file is damaged; reinstall raypath")
+    return path
+
+
 def resolve_weights(spec: ModelSpec, weights: str | None) -> list[Path]:
-    """The local weight files for ``weights`` (file, folder, or ``None`` = HF cache/hub)."""
+    """The local weight files for ``weights`` (file, folder, or ``None`` = the
+    package's bundled file, else the HF cache/hub)."""
     if weights is None:
-        return _from_hub(spec)
+        return [bundled_weights(spec)] if spec.bundled else _from_hub(spec)
     p = Path(weights).expanduser()
     if p.is_file():
         return [p]

@@ -86,6 +86,11 @@ class ModelSpec:
         File names tried in ``hf_repo`` for single-file (timm) checkpoints.
     test_only
         Tiny specs for tests/benchmarks: random init allowed without weights.
+    bundled, bundled_sha256
+        A weights file shipped inside the package (``raypath/data/<bundled>``)
+        and its sha256: used when no ``--weights`` is given, through the same
+        loading code as downloaded FM weights, and refused if the file's
+        sha256 differs (``raypath-small-ref``, the project's reference model).
     tuning_targets
         Per-method adapter targets that override :data:`raypath.fm.tuning.TARGETS`
         for this model (``{"dora": ("to_qkv",)}``; private models).
@@ -106,6 +111,8 @@ class ModelSpec:
     gated: bool
     weight_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     test_only: bool = False
+    bundled: str | None = None
+    bundled_sha256: str | None = None
     notes: str = field(default="", compare=False)
     tuning_targets: dict = field(default_factory=dict, compare=False)
 
@@ -134,12 +141,12 @@ class ModelSpec:
 
 def _timm(key, arch, kw, *, dim, patch, mean=IMAGENET_MEAN, std=IMAGENET_STD, readout="cls",
           regs=0, repo=None, gated=True, out_dim=None, files=("model.safetensors", "pytorch_model.bin"),
-          test_only=False, notes=""):
+          test_only=False, notes="", bundled=None, bundled_sha256=None):
     return ModelSpec(
         key=key, family="timm", arch=arch, arch_kwargs=dict(kw), img_size=kw.get("img_size", 224),
         patch_size=patch, mean=tuple(mean), std=tuple(std), readout=readout, num_register_tokens=regs,
         embed_dim=out_dim or dim, hf_repo=repo, gated=gated,
-        weight_files=tuple(files), test_only=test_only, notes=notes,
+        weight_files=tuple(files), test_only=test_only, notes=notes, bundled=bundled, bundled_sha256=bundled_sha256,
     )
 
 
@@ -151,6 +158,13 @@ def _hf(key, arch, kw, *, dim, patch, img=224, mean=IMAGENET_MEAN, std=IMAGENET_
         hf_repo=repo, gated=gated, test_only=test_only, notes=notes,
     )
 
+
+#: ``raypath-small``: a 6-block ViT of width 192 at 112 px, patch 16 (2.38 M parameters).
+_SMALL_KW = dict(img_size=112, patch_size=16, embed_dim=192, depth=6, num_heads=3, mlp_ratio=3.0,
+                 num_classes=0, dynamic_img_size=True)
+#: The reference checkpoint shipped in ``raypath/data`` and its sha256 (``benchmarks/reference_model.sh``).
+REFERENCE_WEIGHTS = "raypath_small_ref.safetensors"
+REFERENCE_SHA256 = "0f538fc0beeccd97f6409667f18cc32e84511e6a22077cd4fed3e0ae278a4284"
 
 _SPECS: tuple[ModelSpec, ...] = (
     _hf("phikon", "vit",
@@ -196,11 +210,12 @@ _SPECS: tuple[ModelSpec, ...] = (
         dim=1024, patch=14, regs=4, mean=HIBOU_MEAN, std=HIBOU_STD, repo="histai/hibou-L", gated=True,
         notes="DINOv2 ViT-L/14 with 4 registers; weights in the transformers Dinov2WithRegisters layout"),
     # ---- trained in this project by `raypath pretrain` (DINO from scratch, docs/adaptation.md): --weights FILE
-    _timm("raypath-small", "vit_small_patch16_224",
-          dict(img_size=112, patch_size=16, embed_dim=192, depth=6, num_heads=3, mlp_ratio=3.0,
-               num_classes=0, dynamic_img_size=True),
-          dim=192, patch=16, repo=None, gated=False,
+    _timm("raypath-small", "vit_small_patch16_224", _SMALL_KW, dim=192, patch=16, repo=None, gated=False,
           notes="ViT 6 blocks x 192 at 112 px (2.4 M parameters), pretrained with `raypath pretrain`"),
+    _timm("raypath-small-ref", "vit_small_patch16_224", _SMALL_KW, dim=192, patch=16, repo=None, gated=False,
+          bundled=REFERENCE_WEIGHTS, bundled_sha256=REFERENCE_SHA256,
+          notes="the project's reference model: raypath-small pretrained from scratch by `raypath pretrain` "
+                "(benchmarks/reference_model.sh, seed 1000), weights shipped in the package (docs/VALIDATION.md)"),
     # ---- tiny test specs: same code paths, random init allowed, >= 100 tiles/s on one CPU core
     _timm("tiny-vit", "vit_small_patch16_224",
           dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
