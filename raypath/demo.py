@@ -1,9 +1,14 @@
 """``raypath demo``: the main job end to end on an embedded default.
 
-local Ray + the embedded S3 endpoint + a generated multi-cohort study + a tiny
-model: synth -> (upload to S3) -> ingest -> tile -> QC -> embed -> MIL (lodo,
-internal) -> robustness -> a short DoRA adaptation with its before/after
-table (``adapt-experiment``) -> report.  Every stage is called through its
+local Ray + the embedded S3 endpoint + a generated multi-cohort study (with
+technical variants) + the project's small reference model (``raypath-small-ref``,
+shipped in the package): synth -> (upload to S3) -> ingest -> tile -> QC ->
+embed -> MIL (lodo, internal) -> MIL with the robustness losses between
+technical variants -> robustness -> a short DoRA adaptation with its
+before/after table (``adapt-experiment``) -> a small patch-classification
+benchmark (generated mitotic figures) -> a final model from the LODO run's
+settings applied by ``raypath predict`` to a cohort generated later with
+another seed (raw slides to predictions and heatmaps) -> report.  Every stage is called through its
 public Python API, exactly as a notebook user would; the demo adds no logic
 of its own beyond wiring.  It ends by printing where the report is and how
 long each step took.
@@ -43,8 +48,12 @@ class DemoConfig(StageConfig):
     bucket: str | None = Field(
         None, description="use this s3:// prefix (endpoint from AWS_ENDPOINT_URL) instead of the embedded one"
     )
-    model: str = Field("tiny-vit", description="registry key of the feature extractor")
-    weights: str | None = Field(None, description="weights file/folder for --model (tiny models may be random)")
+    pair_fraction: float = Field(0.25, ge=0, le=1, description="tissues re-rendered under another site (technical "
+                                 "variants for the robustness losses and RI)", json_schema_extra=_STUDY)
+    model: str = Field("raypath-small-ref", description="registry key of the feature extractor (default: the "
+                       "reference model shipped with raypath; tiny-vit = random test model)")
+    weights: str | None = Field(None, description="weights file/folder for --model (default: the registered ones; "
+                                "'random' for test models)")
     mil_epochs: int = Field(20, description="ABMIL epochs per fold", json_schema_extra=_STEPS)
     mil_repeats: int = Field(2, description="repeats over seeds per protocol", json_schema_extra=_STEPS)
     adapt_folds: int = Field(
@@ -52,6 +61,16 @@ class DemoConfig(StageConfig):
         "adapter tuned only on that fold's training cohorts (0 = skip the adaptation step; --small: at most 1)",
         json_schema_extra=_STEPS)
     adapt_epochs: int = Field(2, ge=1, description="DINO epochs of each demo adapter", json_schema_extra=_STEPS)
+    robust_losses: bool = Field(True, description="also train ABMIL with the robustness losses between technical "
+                                "variants (InfoNCE + score loss) and compare it with the plain LODO run",
+                                json_schema_extra=_STEPS)
+    patch: bool = Field(True, description="also run a small patch-classification benchmark (linear probe vs LoRA "
+                        "on generated mitotic figures)", json_schema_extra=_STEPS)
+    predict: bool = Field(True, description="also fit a final model with the LODO run's settings and apply it to a "
+                          "cohort generated later (another seed): raw slides -> predictions, metrics, heatmaps",
+                          json_schema_extra=_STEPS)
+    external_slides: int = Field(10, ge=2, description="slides of the later cohort of the --predict step",
+                                 json_schema_extra=_STEPS)
     small: bool = Field(False, description="a smaller, faster study (tests, cluster smoke runs)",
                         json_schema_extra=_STEPS)
     sweep: bool = Field(False, description="also run a CPU-sized Ray Tune + Optuna MIL sweep (nested LODO)",
@@ -111,7 +130,8 @@ def _scaled(cfg: DemoConfig) -> DemoConfig:
         return cfg
     return cfg.model_copy(update=dict(slides_per_cohort=min(cfg.slides_per_cohort, 5), slide_px=min(cfg.slide_px, 1024),
                                       mil_epochs=min(cfg.mil_epochs, 8), mil_repeats=1,
-                                      adapt_epochs=min(cfg.adapt_epochs, 1), adapt_folds=min(cfg.adapt_folds, 1)))
+                                      adapt_epochs=min(cfg.adapt_epochs, 1), adapt_folds=min(cfg.adapt_folds, 1),
+                                      external_slides=min(cfg.external_slides, 6)))
 
 
 def _study_location(cfg: DemoConfig, workdir: str):
@@ -136,7 +156,8 @@ def _prepare(cfg: DemoConfig, workdir: str, study_uri: str, step: _Steps, summar
 
     with step("synth"):
         cohort = synthesize(SynthConfig(out=study_uri, n_cohorts=cfg.n_cohorts, slides_per_cohort=cfg.slides_per_cohort,
-                                        slide_px=cfg.slide_px, texture=cfg.texture, seed=cfg.seed))
+                                        slide_px=cfg.slide_px, texture=cfg.texture, seed=cfg.seed,
+                                        pair_fraction=cfg.pair_fraction))
     summary["slides"] = int(len(cohort))
     with step("ingest"):
         slides = ingest(IngestConfig(cohort=f"{study_uri}/cohort.csv", workdir=workdir))
@@ -171,6 +192,73 @@ def _evaluate(cfg: DemoConfig, workdir: str, features: str, step: _Steps, summar
             print(f"    {k:32s} {v:.3f}" if isinstance(v, float) else f"    {k:32s} {v}")
 
 
+def _external_means(res) -> dict:
+    """Mean over repeats and held-out cohorts of the external C-index and the consistency metrics."""
+    f = res.fold_metrics
+    f = f[f["set"] == "external"]
+    cols = [c for c in ("c_index", "quantile_diff", "flip_rate") if c in f.columns]
+    return {c: float(f[c].mean()) for c in cols}
+
+
+def _robust_losses(cfg: DemoConfig, workdir: str, features: str, step: _Steps, summary: dict) -> None:
+    """ABMIL under LODO with the robustness losses between real technical variants (pair_id), beside the plain run."""
+    from raypath.mil.api import MilConfig, run_mil
+
+    base = dict(workdir=workdir, features=features, task="survival", protocol="lodo", epochs=cfg.mil_epochs,
+                repeats=cfg.mil_repeats, seed=cfg.seed, time_unit="months", variant_source="pairs")
+    with step("ABMIL survival with robustness losses (InfoNCE + score loss between variants)"):
+        off = run_mil(MilConfig(**base, run="mil-lodo-variants"))
+        on = run_mil(MilConfig(**base, run="mil-lodo-robust", lambda_emb=0.5, lambda_score=1.0))
+    summary["robust_losses"] = {"off": str(off.run_dir), "on": str(on.run_dir)}
+    a, b = _external_means(off), _external_means(on)
+    print("[demo] robustness losses, LODO external (mean over held-out cohorts and repeats): off -> on")
+    for k in a:
+        print(f"    {k:16s} {a[k]:.3f} -> {b.get(k, float('nan')):.3f}", flush=True)
+
+
+def _patch(cfg: DemoConfig, workdir: str, step: _Steps, summary: dict) -> None:
+    """The patch-classification benchmark, CPU-sized: linear probe vs LoRA over label fractions and domains."""
+    from raypath.patch.api import PatchConfig, run_patch
+    from raypath.patch.outputs import headline_sentences
+
+    pcfg = PatchConfig(workdir=workdir, run="patch", preset="cpu-small", model=cfg.model, weights=cfg.weights,
+                       methods=["linear", "lora"], seeds=[42], fractions=[0.1, 1.0], max_epochs=3, patience=2,
+                       n_boot=100, synth_options={"n_domains": 3, "slides_per_domain": 4, "slide_px": 768,
+                                                  "cells_per_slide": 16, "seed": cfg.seed})
+    with step("patch classification (linear probe vs LoRA, generated mitotic figures)"):
+        doc = run_patch(pcfg)
+    summary["patch"] = pcfg.run_dir()
+    for line in headline_sentences(doc["headline"]):
+        print("[demo] patch: " + line, flush=True)
+
+
+def _predict(cfg: DemoConfig, workdir: str, features: str, study_uri: str, step: _Steps, summary: dict) -> None:
+    """A final model with the LODO run's settings, applied to a cohort generated later (raw slides, one command)."""
+    from raypath.mil.api import MilConfig
+    from raypath.predict.api import PredictConfig, predict
+    from raypath.predict.final import fit_final
+    from raypath.synth.study import SynthConfig, synthesize
+
+    with step("final model (all slides, the LODO run's settings)"):
+        model_dir = fit_final(MilConfig(workdir=workdir, features=features, task="survival", protocol="lodo",
+                                        epochs=cfg.mil_epochs, seed=cfg.seed, time_unit="months", run="final"),
+                              name="final")
+    ext_study = study_uri.rstrip("/") + "-external"
+    ext_workdir = join(workdir, "external")
+    with step("predict on a later cohort (raw slides -> ingest, tile, embed, predict)"):
+        synthesize(SynthConfig(out=ext_study, n_cohorts=1, slides_per_cohort=cfg.external_slides,
+                               slide_px=cfg.slide_px, texture=cfg.texture, seed=cfg.seed + 1, id_prefix="ext-"))
+        res = predict(PredictConfig(model=model_dir, workdir=ext_workdir, cohort=f"{ext_study}/cohort.csv",
+                                    heatmaps=3, n_boot=200))
+    summary["final_model"] = model_dir
+    summary["predict"] = res.run_dir
+    s = (res.metrics or {}).get("survival") or {}
+    c = (f"; C-index {s['c_index']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] (95 % bootstrap CI)"
+         if isinstance(s.get("c_index"), float) and s["c_index"] == s["c_index"] else "")
+    print(f"[demo] predict: {len(res.predictions)} slides of the later cohort scored{c}; heatmaps and report in "
+          f"{res.run_dir}", flush=True)
+
+
 def _adaptation(cfg: DemoConfig, workdir: str, step: _Steps, summary: dict) -> None:
     """A short DoRA adaptation: the DoRA paper's before/after experiment on ``adapt_folds`` LODO folds."""
     from raypath.adapt.experiment import ExperimentConfig, run_experiment
@@ -187,8 +275,8 @@ def _adaptation(cfg: DemoConfig, workdir: str, step: _Steps, summary: dict) -> N
     with step(f"DoRA adaptation, before/after (held out: {', '.join(held_out)})"):
         doc = run_experiment(ecfg)
     summary["adaptation"] = doc["run_dir"]
-    print(f"[demo] DoRA adaptation, one adapter per held-out cohort ({ecfg.epochs} DINO epochs; tiny-model "
-          "numbers test the pipeline): before / after")
+    print(f"[demo] DoRA adaptation, one adapter per held-out cohort ({ecfg.epochs} DINO epochs; a short run "
+          "that tests the pipeline, docs/VALIDATION.md has the study): before / after")
     print(doc["markdown"], flush=True)
 
 
@@ -213,8 +301,14 @@ def _pipeline(cfg: DemoConfig, workdir: str, study_uri: str, step: _Steps, summa
     features = str(emb.feature_dir)
     summary["features"] = features
     _evaluate(cfg, workdir, features, step, summary)
+    if cfg.robust_losses and cfg.pair_fraction > 0:
+        _robust_losses(cfg, workdir, features, step, summary)
     if cfg.adapt_folds > 0:
         _adaptation(cfg, workdir, step, summary)
+    if cfg.patch:
+        _patch(cfg, workdir, step, summary)
+    if cfg.predict:
+        _predict(cfg, workdir, features, study_uri, step, summary)
     if cfg.sweep:
         _sweep(cfg, workdir, features, step, summary)
     with step("report"):

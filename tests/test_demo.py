@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pytest
+import yaml
 
 #: a line that must never be in a demo log
 BAD_LINE = re.compile(r"\bERROR\b|Traceback|RuntimeWarning|^\[[^\]]* E \d+ \d+\]")
@@ -105,6 +106,16 @@ def test_demo_runs_end_to_end_over_s3(demo):
     for run in ("mil-lodo", "mil-internal", "robustness", "dora"):
         assert f"runs/{run}/report.html" in index
     assert "<img" in (wd / "runs" / "robustness" / "report.html").read_text()
+    # robustness losses between the study's technical variants, beside the same run without them
+    on = yaml.safe_load((Path(summary["robust_losses"]["on"]) / "config.yaml").read_text())["config"]
+    assert on["lambda_emb"] > 0 and on["variant_source"] == "pairs"
+    assert "runs/mil-lodo-robust/report.html" in index
+    # the patch benchmark and a final model applied to a later cohort (raw slides -> predictions)
+    assert (Path(summary["patch"]) / "metrics.csv").exists()
+    pred = pd.read_parquet(Path(summary["predict"]) / "predictions.parquet")
+    assert len(pred) >= 2 and pred["slide_id"].str.startswith("ext-").all() and not pred["trained_on"].any()
+    assert list((Path(summary["predict"]) / "heatmaps").glob("*.png"))
+    assert (Path(summary["final_model"]) / "model.json").exists()
     assert set(summary["step_times_s"]) >= {"synth", "ingest", "tile + QC", "report", "total"}
     assert json.loads((wd / "demo_summary.json").read_text()) == summary
 
