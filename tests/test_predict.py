@@ -300,3 +300,21 @@ def test_index_gives_predict_runs_a_kind_and_headline(tmp_path):
     kind, doc = run("cls", {**base, "failed": [], "classification": {"auroc": 0.9, "auroc_ci_low": 0.8,
                                                                      "auroc_ci_high": 0.95, "n_slides": 12}})
     assert headline(kind, doc).startswith("model final: AUROC 0.900 (95% CI 0.800\u20130.950) on 12 new slides")
+
+
+def test_index_lists_runs_of_a_nested_project_apart_from_its_own_tables(tmp_path):
+    """The demo's later cohort lives in <workdir>/external/ (a project of its own): the workdir's index links
+    its predict run, and never folds it into this project's tables."""
+    from raypath.report.pages import write_workdir_report
+
+    run = tmp_path / "external" / "runs" / "predict-final"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"stage": "predict", "model": "w/models/final", "n_slides": 4,
+                                                   "failed": [], "survival": {"c_index": 0.7, "ci_low": 0.6,
+                                                                              "ci_high": 0.8, "n_patients": 4}}))
+    (run / "report.html").write_text("<html>predict page</html>")
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    page = Path(write_workdir_report(str(tmp_path))).read_text()
+    assert 'href="external/runs/predict-final/report.html"' in page
+    assert "C-index 0.700" in page and "external/runs/predict-final" in page
+    assert (run / "report.html").read_text() == "<html>predict page</html>"  # its own page is kept

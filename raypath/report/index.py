@@ -223,21 +223,34 @@ def qc_strip(folder: Folder, limit: int = QC_STRIP_MAX) -> dict[str, Any]:
     return {"items": items, "n": len(names), "n_failed": len(failed)}
 
 
+def _run_entry(folder: Folder, kind_dir: str, name: str, linked: set[str] | None) -> dict[str, Any]:
+    sub = folder.sub(f"{kind_dir}/{name}")
+    try:
+        kind, doc = classify(sub)
+        line = headline(kind, doc)
+    except Exception as e:  # noqa: BLE001 - a broken run never breaks the index
+        kind, doc, line = "unreadable", None, f"unreadable: {type(e).__name__}: {e}"
+    rel = f"{kind_dir}/{name}"
+    has_page = (linked is not None and rel in linked) or sub.exists("report.html")
+    return {"name": name, "dir": kind_dir, "path": rel, "kind": kind, "doc": doc, "headline": line,
+            "href": f"{rel}/report.html" if has_page else None}
+
+
+def nested_projects(folder: Folder) -> list[str]:
+    """Sub-folders that are projects of their own (a ``runs/`` folder inside), e.g. the demo's later
+    cohort ``external/``: their runs are listed (predictions of a model trained here) but never mixed
+    into this project's LODO and robustness tables."""
+    skip = set(KINDS) | {"qc", "features", "cache", "models", "study", "mlruns"}
+    return [p for p in folder.subdirs("") if p not in skip and folder.isdir(f"{p}/runs")]
+
+
 def collect_runs(folder: Folder, linked: set[str] | None = None) -> list[dict[str, Any]]:
-    """Every run, sweep and adapter folder with its kind, headline and page link."""
-    runs = []
-    for kind_dir in KINDS:
-        for name in folder.subdirs(kind_dir):
-            sub = folder.sub(f"{kind_dir}/{name}")
-            try:
-                kind, doc = classify(sub)
-                line = headline(kind, doc)
-            except Exception as e:  # noqa: BLE001 - a broken run never breaks the index
-                kind, doc, line = "unreadable", None, f"unreadable: {type(e).__name__}: {e}"
-            rel = f"{kind_dir}/{name}"
-            has_page = (linked is not None and rel in linked) or sub.exists("report.html")
-            runs.append({"name": name, "dir": kind_dir, "kind": kind, "doc": doc, "headline": line,
-                         "href": f"{rel}/report.html" if has_page else None})
+    """Every run, sweep and adapter folder with its kind, headline and page link (then the runs of
+    nested projects, flagged ``nested``)."""
+    runs = [_run_entry(folder, kind_dir, name, linked) for kind_dir in KINDS for name in folder.subdirs(kind_dir)]
+    for proj in nested_projects(folder):
+        runs += [{**_run_entry(folder, f"{proj}/runs", name, linked), "nested": True}
+                 for name in folder.subdirs(f"{proj}/runs")]
     return runs
 
 
@@ -260,13 +273,14 @@ def context(folder: Folder, linked: set[str] | None = None) -> dict[str, Any]:
     card = study_card(folder)
     runs = collect_runs(folder, linked)
     parts = experiment_parts(runs)
-    own = [r for r in runs if r["name"] not in parts or r["dir"] != "runs"]
+    own = [r for r in runs if (r["name"] not in parts or r["dir"] != "runs") and not r.get("nested")]
     lodo = lodo_tables(own)
     robust = robustness_tables(own)
     internal = [{"run": r["name"], "href": r["href"], "verdict": M.verdict(r["doc"])}
                 for r in own if r["kind"] == "mil" and r["doc"].get("protocol") != "lodo"]
-    experiments = [{"run": r["name"], "href": r["href"], "verdict": r["headline"]}
-                   for r in runs if r["kind"] in ("experiment", "comparison", "sweep", "patch", "predict") and r in own]
+    experiments = [{"run": r["path"] if r.get("nested") else r["name"], "href": r["href"], "verdict": r["headline"]}
+                   for r in runs if r["kind"] in ("experiment", "comparison", "sweep", "patch", "predict")
+                   and (r in own or r.get("nested"))]
     files = set(folder.files(max_depth=1))
     project = [f for f in ("cohort.csv", "slides.parquet", "tiles.parquet", "tiling_summary.parquet")
                if f in files or folder.exists(f)]
