@@ -162,21 +162,23 @@ def part_b(wd: Path, a) -> dict:
     from raypath.robustness.api import COMPARISON_FILE
 
     cfg = ExperimentConfig(
-        workdir=str(wd), model=a.model, weights=a.weights, method="dora", augmentation="heavy", run="val-dora",
-        seed=a.seed, epochs=a.adapt_epochs, warmup_epochs=1, tiles_per_slide=16, n_local_crops=4, batch_size=32,
+        workdir=str(wd), model=a.model, weights=a.weights, method="dora", augmentation="heavy",
+        run=f"val-dora-e{a.adapt_epochs}-lr{a.adapt_lr:g}", seed=a.seed, epochs=a.adapt_epochs, lr=a.adapt_lr,
+        warmup_epochs=1, tiles_per_slide=16, n_local_crops=4, batch_size=32,
         robustness_tiles_per_slide=32, kmeans_repeats=5, plots=False, mil_epochs=a.mil_epochs,
         mil_repeats=a.repeats)
     doc = run_experiment(cfg)
-    runs = wd / "runs"
-    delta = json.loads((runs / "val-dora-robustness" / COMPARISON_FILE).read_text())["delta"]
-    before = _per_repeat([str(runs / "val-dora-mil-before" / "fold_metrics.parquet")])
-    after = _per_repeat([str(runs / f"val-dora-mil-after-{_safe(c)}" / "fold_metrics.parquet")
+    runs, run = wd / "runs", cfg.run
+    delta = json.loads((runs / f"{run}-robustness" / COMPARISON_FILE).read_text())["delta"]
+    before = _per_repeat([str(runs / f"{run}-mil-before" / "fold_metrics.parquet")])
+    after = _per_repeat([str(runs / f"{run}-mil-after-{_safe(c)}" / "fold_metrics.parquet")
                          for c in doc["folds"]])
     mil = {}
     for col in ("external", "internal"):
         b, f = before[col].sort_index().to_numpy(), after[col].sort_index().to_numpy()
         mil[col] = {"before": t_ci(b), "after": t_ci(f), "diff": t_ci(f - b), "n_repeats": int(len(b))}
-    return {"robustness": delta, "mil": mil, "timings_s": doc["timings_s"], "folds": doc["folds"]}
+    return {"robustness": delta, "mil": mil, "timings_s": doc["timings_s"], "folds": doc["folds"],
+            "adapt": {"epochs": a.adapt_epochs, "lr": a.adapt_lr, "tiles_per_slide": 16, "batch_size": 32}}
 
 
 _ROB = [("site_probe_balanced_accuracy", "site probe balanced accuracy", "lower"),
@@ -329,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study-seed", type=int, default=2000)
     ap.add_argument("--slides-per-cohort", type=int, default=12)
     ap.add_argument("--slide-px", type=int, default=2048)
-    ap.add_argument("--adapt-epochs", type=int, default=3)
+    ap.add_argument("--adapt-epochs", type=int, default=10)
+    ap.add_argument("--adapt-lr", type=float, default=5e-3, help="DINO peak lr at a batch of 256 (x 32/256 here)")
     ap.add_argument("--mil-epochs", type=int, default=20)
     ap.add_argument("--patch-epochs", type=int, default=6)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -341,46 +344,57 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    t0, times, doc, md = time.perf_counter(), {}, {"args": vars(a)}, []
+    out = Path(a.out)
+    # a part run again replaces its own results; the other parts' are kept from the last run
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc.setdefault("seconds", {}), doc.setdefault("args", {})
+    if not set(doc["args"]) <= set("ABCD"):  # a file of one earlier all-parts run: its args served every part
+        doc["args"] = {p: doc["args"] for p in "ABCD" if p in doc}
+    doc["seconds"].pop("total", None)
     prepare(wd, a)
     features = {a.model: embed_features(wd, a.model, a.weights)}
-    if "A" in a.parts:
+    for part in a.parts:
         t = time.perf_counter()
-        for c in a.contrast:
-            m, w = c.split("=", 1)
-            features[f"{m} ({w})"] = embed_features(wd, m, w)
-        doc["A"] = part_a(wd, a, features)
-        md += ["### A. What the reference model's features carry", md_a(doc["A"])]
-        times["A"] = time.perf_counter() - t
-    if "B" in a.parts:
-        t = time.perf_counter()
-        doc["B"] = part_b(wd, a)
-        md += ["### B. DoRA + heavy augmentation, before vs after (seed 000)", md_b(doc["B"])]
-        times["B"] = time.perf_counter() - t
-    if "C" in a.parts:
-        t = time.perf_counter()
-        doc["C"] = part_c(wd, a)
-        t2, t4 = md_c(doc["C"])
-        md += ["### C1. LoRA vs linear probe across label fractions and domains (seed 001)", t2,
-               "### C2. PathoTune vs LoRA / DoRA / probe / full fine-tuning (seed 003)", t4]
-        times["C"] = time.perf_counter() - t
-    if "D" in a.parts:
-        t = time.perf_counter()
-        doc["D"] = part_d(wd, a, features[a.model])
-        md += ["### D. Robustness losses off vs on (seed 002)", md_d(doc["D"])]
-        times["D"] = time.perf_counter() - t
-    times["total"] = time.perf_counter() - t0
-    doc["seconds"] = times
-    md += ["Wall time (2-core CPU): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + "."]
-    text = "\n\n".join(md)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=1, default=float))
-    Path(a.out).with_suffix(".md").write_text(text + "\n")
+        if part == "A":
+            for c in a.contrast:
+                m, w = c.split("=", 1)
+                features[f"{m} ({w})"] = embed_features(wd, m, w)
+            doc["A"] = part_a(wd, a, features)
+        elif part == "B":
+            doc["B"] = part_b(wd, a)
+        elif part == "C":
+            doc["C"] = part_c(wd, a)
+        elif part == "D":
+            doc["D"] = part_d(wd, a, features[a.model])
+        doc["seconds"][part], doc["args"][part] = time.perf_counter() - t, vars(a)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1, default=float))
+    text = markdown(doc)
+    out.with_suffix(".md").write_text(text + "\n")
     if a.write_docs:
         write_docs(text)
     print(text)
-    print(f"\nwrote {a.out} ({times['total'] / 60:.1f} min)")
+    print(f"\nwrote {out}")
     return 0
+
+
+def markdown(doc: dict) -> str:
+    """The tables of every part in ``doc``, in order, with each part's wall time."""
+    md = []
+    if "A" in doc:
+        md += ["### A. What the reference model's features carry", md_a(doc["A"])]
+    if "B" in doc:
+        md += ["### B. DoRA + heavy augmentation, before vs after (seed 000)", md_b(doc["B"])]
+    if "C" in doc:
+        t2, t4 = md_c(doc["C"])
+        md += ["### C1. LoRA vs linear probe across label fractions and domains (seed 001)", t2,
+               "### C2. PathoTune vs LoRA / DoRA / probe / full fine-tuning (seed 003)", t4]
+    if "D" in doc:
+        md += ["### D. Robustness losses off vs on (seed 002)", md_d(doc["D"])]
+    secs = doc.get("seconds", {})
+    md += ["Wall time per part (2-core CPU, this machine shared with other work): "
+           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(secs.items())) + "."]
+    return "\n\n".join(md)
 
 
 if __name__ == "__main__":
