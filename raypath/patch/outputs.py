@@ -166,8 +166,8 @@ def headline_sentences(h: dict) -> list[str]:
         nums = (f"{lab} {lc['score_small']:.3f} (10 %) vs {lc['score_full']:.3f} (100 %), ratio {lc['ratio_mean']:.3f} "
                 f"(per seed {lc['ratio_min']:.3f}-{lc['ratio_max']:.3f}, {len(lc['seeds'])} seeds)")
         if not lc.get("testable", True):
-            lines.append(f"{claim} cannot be tested here: LoRA with all labels is at chance level "
-                         f"({lc['chance']:.2f}), so the ratio compares noise: {nums}.")
+            lines.append(f"{claim} cannot be tested here: LoRA with all labels ({lc['score_full']:.3f}) is within "
+                         f"{LEARNED_MARGIN:g} of chance ({lc['chance']:.2f}), so the ratio compares noise: {nums}.")
         else:
             lines.append(f"{claim} {'holds' if lc['holds'] else 'does not hold'} here: {nums}.")
     for g in h.get("domain_gap", []):

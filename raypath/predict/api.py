@@ -136,6 +136,15 @@ def match_features(cfg: PredictConfig, meta: FinalModel) -> str:
                        f"tiling {meta.identity.get('tiling')}): {remedy}")
 
 
+def _has_bundled_weights(model: str) -> bool:
+    from raypath.fm.registry import get_spec
+
+    try:
+        return bool(get_spec(model).bundled)
+    except RaypathError:
+        return False
+
+
 def prepare_raw(cfg: PredictConfig, meta: FinalModel) -> str:
     """``--cohort``: ingest, tile and embed the raw slides the way the model's features were made."""
     from raypath.embed.api import EmbedConfig, embed
@@ -148,7 +157,7 @@ def prepare_raw(cfg: PredictConfig, meta: FinalModel) -> str:
     if not model:
         raise RaypathError(f"model {cfg.model!r} records no feature identity: predict needs --features instead of --cohort")
     weights = cfg.weights or (ident.get("weights_sha256") if str(ident.get("weights_sha256", "")).startswith("random") else None)
-    if weights is None:
+    if weights is None and not _has_bundled_weights(model):  # a shipped model (raypath-small-ref) needs none
         raise RaypathError(f"predict --cohort needs --weights: the FM weights the model was trained on "
                            f"(sha256 {str(ident.get('weights_sha256'))[:12]}...)")
     check_identity(derive_identity(model, weights, cfg.adapter),
