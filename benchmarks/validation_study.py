@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             doc["C"] = part_c(wd, a)
         elif part == "D":
             doc["D"] = part_d(wd, a, features[a.model])
-        doc["seconds"][part], doc["args"][part] = time.perf_counter() - t, vars(a)
+        args = {**vars(a), "out": os.path.relpath(a.out, ROOT) if a.out.startswith(str(ROOT)) else a.out}
+        doc["seconds"][part], doc["args"][part] = time.perf_counter() - t, args
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1, default=float))
     text = markdown(doc)
