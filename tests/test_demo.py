@@ -87,11 +87,11 @@ def test_demo_runs_end_to_end_over_s3(demo):
     wd = Path(summary["workdir"])
     assert summary["study_uri"].startswith("s3://demo-test/")
     slides = pd.read_parquet(wd / "slides.parquet")
-    assert len(slides) == 12 and (slides["status"] == "ok").all()
+    assert len(slides) == 12 + 3 and (slides["status"] == "ok").all()  # 3 cohorts x 4 + 3 technical variants (pair fraction 0.25)
     assert slides["uri"].str.startswith("s3://").all()  # the slides were read over S3
     tiles = pd.read_parquet(wd / "tiles.parquet")
     assert summary["tiles"] == len(tiles) > 0
-    assert len(list((wd / "qc").glob("*.png"))) == 12
+    assert len(list((wd / "qc").glob("*.png"))) == 15
     feats = sorted(p.stem for p in Path(summary["features"]).glob("*.parquet"))
     assert feats == sorted(tiles["slide_id"].unique())
     for protocol in ("lodo", "internal"):
@@ -193,7 +193,9 @@ def test_every_page_in_headless_chromium(demo):
     chromium()
     summary, _ = demo
     wd = Path(summary["workdir"])
-    pages = [wd / "report.html", *sorted(wd.glob("runs/*/report.html")), *sorted(wd.glob("adapters/*/report.html"))]
+    pages = [wd / "report.html", *sorted(wd.glob("runs/*/report.html")), *sorted(wd.glob("adapters/*/report.html")),
+             *sorted(wd.glob("external/runs/*/report.html"))]  # the later cohort's predictions
+    assert any("predict" in str(p) for p in pages) and any(p.parent.name == "patch" for p in pages)
     assert len(pages) >= 8, pages
     for page in pages:
         got = open_in_browser(page)

@@ -287,8 +287,8 @@ def results_markdown(cfg, identity: dict, ctx: dict, summary: pd.DataFrame, h: d
 def report_html(cfg, identity: dict, ctx: dict, summary: pd.DataFrame, h: dict, plots: dict[str, bytes]) -> str:
     m = cfg.metric
     esc = html.escape
-    body = [f"<h1>Patch classification: {esc(cfg.run)}</h1>", "<ul>"]
-    body += [f"<li>{esc(s)}</li>" for s in headline_sentences(h)] + ["</ul>"]
+    body = [f"<h1>Patch classification: {esc(cfg.run)}</h1>", "<section id='answer'><ul>"]
+    body += [f"<li>{esc(s)}</li>" for s in headline_sentences(h)] + ["</ul></section>"]
     body.append(f"<p><small>{esc(_provenance(cfg, identity, ctx))}</small></p>")
     body.append(f"<h2>In-domain {esc(LABELS.get(m, m))} by label fraction</h2>")
     body.append(scaling_table(summary, m).to_html(index=False, border=0))

@@ -239,10 +239,11 @@ def render_page(cfg, meta: FinalModel, pred: pd.DataFrame, metrics: dict, has_km
     head = metrics.get("headline", {})
     lines = [f"<html><head><meta charset='utf-8'><title>predict: {e(cfg.model)}</title></head><body>",
              f"<h1>Predictions of {e(cfg.model.rstrip('/').split('/')[-1])}</h1>",
-             "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in head) + "</tr><tr>"
+             "<section id='answer'><table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in head) + "</tr><tr>"
              + "".join(f"<td>{e(num(v))}</td>" for v in head.values()) + "</tr></table>",
              f"<p>{metrics['n_slides']} slides scored; {metrics['n_trained_on']} belong to patients the model was "
-             f"trained on (flagged, left out of the metrics); {len(metrics['failed'])} slide(s) could not be scored.</p>"]
+             f"trained on (flagged, left out of the metrics); {len(metrics['failed'])} slide(s) could not be scored.</p>"
+             "</section>"]
     if has_km:
         lines.append("<h2>Survival by predicted risk group (training cut-offs)</h2><img src='km.png' width=700>")
     for sid, files in metrics.get("heatmaps", {}).items():

@@ -181,11 +181,11 @@ def render_tile_page(cfg, model: PatchModel, pred: pd.DataFrame, metrics: dict) 
     head = metrics["headline"]
     lines = [f"<html><head><meta charset='utf-8'><title>predict: {e(cfg.model)}</title></head><body>",
              f"<h1>Per-tile probabilities of {e(cfg.model.rstrip('/').split('/')[-1])} ({e(model.method)} probe)</h1>",
-             "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in head) + "</tr><tr>"
+             "<section id='answer'><table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in head) + "</tr><tr>"
              + "".join(f"<td>{e(num(v))}</td>" for v in head.values()) + "</tr></table>",
              f"<p>{metrics['n_slides']} slides, {metrics['n_tiles']} tiles classified ({e(', '.join(model.classes))}); "
              f"{metrics['n_trained_on']} slide(s) belong to patients or slides the model was trained on "
-             f"(<code>trained_on</code>); {len(metrics['failed'])} slide(s) could not be scored.</p>",
+             f"(<code>trained_on</code>); {len(metrics['failed'])} slide(s) could not be scored.</p></section>",
              f"<p>Probability maps: each tile's footprint coloured by its probability of <b>{e(pos)}</b> on one "
              "colour scale over [0, 1] (inferno), on the slide thumbnail (<code>_prob.png</code>) and at tile "
              "resolution, one pixel per tile (<code>_prob_grid.png</code>); the gallery shows the most and least "
