@@ -231,17 +231,24 @@ def _km_png(pred: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def render_page(cfg, meta: FinalModel, pred: pd.DataFrame, metrics: dict, has_km: bool) -> str:
-    """A self-contained-enough page (images linked next to it) that leads with the answer."""
+def page_head(cfg, heading: str, headline: dict) -> list[str]:
+    """The top of a predict page: title, heading, and the headline table that opens the answer section
+    (the caller closes it with ``</section>``)."""
     from raypath.report.html import num
 
     e = html.escape
-    head = metrics.get("headline", {})
-    lines = [f"<html><head><meta charset='utf-8'><title>predict: {e(cfg.model)}</title></head><body>",
-             f"<h1>Predictions of {e(cfg.model.rstrip('/').split('/')[-1])}</h1>",
-             "<section id='answer'><table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in head) + "</tr><tr>"
-             + "".join(f"<td>{e(num(v))}</td>" for v in head.values()) + "</tr></table>",
-             f"<p>{metrics['n_slides']} slides scored; {metrics['n_trained_on']} belong to patients the model was "
+    return [f"<html><head><meta charset='utf-8'><title>predict: {e(cfg.model)}</title></head><body>",
+            f"<h1>{e(heading)}</h1>",
+            "<section id='answer'><table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in headline)
+            + "</tr><tr>" + "".join(f"<td>{e(num(v))}</td>" for v in headline.values()) + "</tr></table>"]
+
+
+def render_page(cfg, meta: FinalModel, pred: pd.DataFrame, metrics: dict, has_km: bool) -> str:
+    """A self-contained-enough page (images linked next to it) that leads with the answer."""
+    e = html.escape
+    name = cfg.model.rstrip("/").split("/")[-1]
+    lines = page_head(cfg, f"Predictions of {name}", metrics.get("headline", {}))
+    lines += [f"<p>{metrics['n_slides']} slides scored; {metrics['n_trained_on']} belong to patients the model was "
              f"trained on (flagged, left out of the metrics); {len(metrics['failed'])} slide(s) could not be scored.</p>"
              "</section>"]
     if has_km:

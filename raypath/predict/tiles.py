@@ -175,15 +175,13 @@ def write_tile_outputs(cfg, model: PatchModel, run_dir: str, pred: pd.DataFrame,
 
 def render_tile_page(cfg, model: PatchModel, pred: pd.DataFrame, metrics: dict) -> str:
     """The run's page: the headline, what the maps show, each map, the per-slide table."""
+    from raypath.predict.outputs import page_head
     from raypath.report.html import num
 
     e, pos = html.escape, model.positive_class
-    head = metrics["headline"]
-    lines = [f"<html><head><meta charset='utf-8'><title>predict: {e(cfg.model)}</title></head><body>",
-             f"<h1>Per-tile probabilities of {e(cfg.model.rstrip('/').split('/')[-1])} ({e(model.method)} probe)</h1>",
-             "<section id='answer'><table border=1 cellpadding=4><tr>" + "".join(f"<th>{e(str(k))}</th>" for k in head) + "</tr><tr>"
-             + "".join(f"<td>{e(num(v))}</td>" for v in head.values()) + "</tr></table>",
-             f"<p>{metrics['n_slides']} slides, {metrics['n_tiles']} tiles classified ({e(', '.join(model.classes))}); "
+    name = cfg.model.rstrip("/").split("/")[-1]
+    lines = page_head(cfg, f"Per-tile probabilities of {name} ({model.method} probe)", metrics["headline"])
+    lines += [f"<p>{metrics['n_slides']} slides, {metrics['n_tiles']} tiles classified ({e(', '.join(model.classes))}); "
              f"{metrics['n_trained_on']} slide(s) belong to patients or slides the model was trained on "
              f"(<code>trained_on</code>); {len(metrics['failed'])} slide(s) could not be scored.</p></section>",
              f"<p>Probability maps: each tile's footprint coloured by its probability of <b>{e(pos)}</b> on one "
