@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import tempfile
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, ClassVar, Literal
@@ -107,7 +108,7 @@ class SynthConfig(StageConfig):
     texture: Literal["synthetic", "real", "mixed"] = Field(
         "synthetic", description="tissue texture (mixed: every other tissue real, the rest synthetic)")
     id_prefix: str = Field(
-        "", pattern=r"^[A-Za-z0-9_.-]*$",
+        "",
         description="prefix of every cohort, slide, patient and pair id (keeps ids of studies made with "
         "other seeds apart, e.g. a later external cohort: --id-prefix ext-)")
     tissue_fraction: float = Field(0.45, gt=0, lt=1, description="mean fraction of the slide covered by tissue")
@@ -132,6 +133,14 @@ class SynthConfig(StageConfig):
     def _check_quality(cls, v: list[int]) -> list[int]:
         if not v or any(not 1 <= q <= 100 for q in v):
             raise ValueError(f"jpeg_quality values must be in 1..100, got {v}")
+        return v
+
+    @field_validator("id_prefix")
+    @classmethod
+    def _check_prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]*", v):
+            raise ValueError(f"use letters, digits, '_', '.' and '-' only (it starts every slide id and file name), "
+                             f"e.g. 'ext-'; got {v!r}")
         return v
 
     @field_validator("tile_px_stored")
