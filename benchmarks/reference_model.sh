@@ -10,7 +10,9 @@
 #
 #   bash benchmarks/reference_model.sh [WORKDIR]     (default /tmp/raypath-ref)
 #
-# Measured on the 2-core CPU machine: docs/VALIDATION.md (about 40 minutes).
+# Measured on the 2-core CPU machine: about 28 minutes (docs/VALIDATION.md).
+# The shipped file came from the pretrain line below run with --workdir /tmp/ref/wd
+# --run ref2 (recorded in raypath/data/raypath_small_ref.json); neither enters the weights.
 set -euo pipefail
 WD=${1:-/tmp/raypath-ref}
 RP=${RAYPATH:-raypath}

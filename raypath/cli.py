@@ -20,7 +20,7 @@ from raypath.errors import RaypathError
 #: verb -> (module that registers it, one-line help for ``raypath --help``),
 #: in the order they appear in ``--help``.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("raypath.demo", "run the whole pipeline on a generated study (local Ray, embedded S3, tiny model)"),
+    "demo": ("raypath.demo", "run the whole pipeline on a generated study (local Ray, embedded S3, the shipped small FM)"),
     "synth": ("raypath.synth.study", "generate a multi-cohort synthetic study (pyramidal JPEG TIFF slides + cohort table)"),
     "ingest": ("raypath.wsi.ingest", "validate the cohort table and record every slide's metadata in slides.parquet"),
     "tile": ("raypath.wsi.tiling", "segment tissue and lay a tile grid at a target mpp (tiles.parquet + QC PNGs)"),

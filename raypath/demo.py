@@ -346,7 +346,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the whole pipeline on a generated study (local Ray, embedded S3, tiny model)",
+        help="run the whole pipeline on a generated study (local Ray, embedded S3, the shipped small FM)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
